@@ -22,7 +22,7 @@ SOURCES = ["esp.c", "esp_data.c", "esp_replay.c", "esp_bench.c"]
 def cdef_from_header(text: str) -> str:
     """The header as cffi sees it: no C-only block, no preprocessor lines except int #defines."""
     text = re.sub(r"#if !defined\(XT_ESP_CDEF\).*?#endif /\* XT_ESP_C_ONLY end \*/", "", text,
-                  flags=re.S)
+                  flags=re.DOTALL)
     out = []
     for line in text.splitlines():
         s = line.strip()

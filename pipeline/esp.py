@@ -15,7 +15,7 @@ import ipaddress
 import os
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 __all__ = [
     "ENCR_AES_CBC", "ENCR_AES_GCM_16", "ENCR_NULL", "INTEG_HMAC_SHA1_96", "INTEG_HMAC_SHA2_256_128",
@@ -328,7 +328,7 @@ class EspContext:
             lib.xt_esp_ctx_free(self._ctx)
             self._ctx = None
 
-    def __enter__(self) -> EspContext:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -377,7 +377,7 @@ class EspWorker:
             raise EspError("worker is closed")
         return self._w
 
-    def __enter__(self) -> EspWorker:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -148,8 +148,8 @@ def suite_sas(suite: tuple, spi: int = 0x1000, tunnel: int = 5, seed: int = 1, *
     key = rnd.randbytes(klen)
     salt = rnd.randbytes(4) if enc == "aes-gcm-16" else b""
     akey = rnd.randbytes(alen)
-    common = dict(spi=spi, encryption=enc, enc_key=key, salt=salt, integrity=integ, auth_key=akey,
-                  tunnel_id=tunnel, allow_null=enc == "null")
+    common = {"spi": spi, "encryption": enc, "enc_key": key, "salt": salt, "integrity": integ, "auth_key": akey,
+                  "tunnel_id": tunnel, "allow_null": enc == "null"}
     out_extra = {k: v for k, v in extra.items() if k in ("encap_sport", "encap_dport", "node_id",
                                                            "ttl", "hard_packets", "soft_packets",
                                                            "hard_bytes", "soft_bytes")}

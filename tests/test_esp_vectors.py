@@ -24,7 +24,7 @@ def sa_params(v: dict, direction: str, **kw) -> esp.EspSaParams:
     extra = {}
     if direction == "out":
         ot = sa.get("outbound_tunnel") or {"src": "10.0.111.2", "dst": "10.0.222.2", "ttl": 64}
-        extra = dict(local=ot["src"], remote=ot["dst"], ttl=ot.get("ttl", 64))
+        extra = {"local": ot["src"], "remote": ot["dst"], "ttl": ot.get("ttl", 64)}
         if sa["udp_encap"]:
             extra.update(encap_sport=4500, encap_dport=4500)
     extra.update(kw)
