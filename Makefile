@@ -21,3 +21,33 @@ lint: setup
 
 clean:
 	rm -rf build *.egg-info pipeline/*.so native/_*.c native/*.o .pytest_cache
+
+# --- native ESP: sanitizers and fuzzing (long runs, outside `make test`) --------------------
+# sanitize: the cffi module rebuilt with -fsanitize=address,undefined into build/asan and loaded
+# instead of pipeline._esp (XTRANSIT_ESP_MODULE); Python itself is not instrumented, so libasan
+# and libubsan are preloaded and leak checking (CPython's own) is off. Then the ESP tests, and
+# the fuzz driver under the same sanitizers.
+ESP_SRC    := native/esp.c native/esp_data.c native/esp_replay.c native/esp_bench.c
+SAN_FLAGS  := -O1 -g -std=gnu11 -Wall -Wextra -Wno-unused-parameter -fno-omit-frame-pointer \
+              -fsanitize=address,undefined -fno-sanitize-recover=undefined
+SAN_ENV     = LD_PRELOAD=$$(gcc -print-file-name=libasan.so):$$(gcc -print-file-name=libubsan.so) \
+              ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
+FUZZ_INPUTS ?= 1000000
+
+.PHONY: sanitize fuzz
+sanitize: setup
+	rm -rf build/asan && mkdir -p build
+	XT_ESP_SANITIZE=1 $(PY) native/build_esp.py build/asan >build/asan.log 2>&1 || \
+	  { tail -n 30 build/asan.log; exit 1; }
+	so=$$(ls build/asan/pipeline/_esp*.so) && \
+	  XTRANSIT_ESP_MODULE=$$PWD/$$so $(SAN_ENV) $(PY) -c \
+	    'import pipeline.esp as e; assert "build/asan" in e._native.__file__; print("sanitize: using", e._native.__file__)' && \
+	  XTRANSIT_ESP_MODULE=$$PWD/$$so $(SAN_ENV) $(PYTEST) -q -p no:cacheprovider tests/test_esp_*.py
+	$(MAKE) --no-print-directory fuzz FUZZ_INPUTS=200000
+
+fuzz: build/esp_fuzz
+	build/esp_fuzz $(FUZZ_INPUTS) 1
+
+build/esp_fuzz: native/esp_fuzz.c $(ESP_SRC) native/esp.h native/esp_internal.h native/esp_replay.h
+	mkdir -p build
+	gcc $(SAN_FLAGS) -Inative native/esp_fuzz.c $(ESP_SRC) -lcrypto -lpthread -o $@

@@ -36,7 +36,10 @@ def cdef_from_header(text: str) -> str:
 
 
 def _rel(p: Path) -> str:
-    # setuptools wants sources relative to the project root when it drives the build
+    # setuptools wants sources relative to the project root when it drives the build; run as a
+    # script, ffi.compile() changes into its output folder, so paths must be absolute there
+    if __name__ == "__main__":
+        return str(p)
     try:
         return os.path.relpath(p)
     except ValueError:

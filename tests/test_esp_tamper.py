@@ -41,7 +41,7 @@ def test_round_trip(suite, payloads, v6, udp):
 
 
 def protected_packet(suite_name: str):
-    ctx, w, ref = pair(suite_name, replay_window=64)
+    ctx, w, _ref = pair(suite_name, replay_window=64)
     [(v, wire)] = run(w, [ipv4(bytes(range(37)))], "encrypt", tunnel=5)
     assert v == "ok"
     return ctx, w, wire
