@@ -24,7 +24,8 @@ def test_fuzz_driver_smoke(tmp_path):
     exe = tmp_path / "esp_fuzz"
     subprocess.run([gcc, "-O1", "-std=gnu11", f"-I{NATIVE}", *[str(NATIVE / s) for s in SOURCES],
                     "-lcrypto", "-lpthread", "-o", str(exe)], check=True, timeout=120)
-    res = subprocess.run([str(exe), "30000", "3"], capture_output=True, text=True, timeout=120)
+    res = subprocess.run([str(exe), "30000", "3"], check=False, capture_output=True, text=True,
+                         timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith("esp_fuzz: 30016 inputs, no crash; verdicts:")
     counts = dict(kv.split("=") for kv in res.stdout.split("verdicts:")[1].split())
