@@ -51,3 +51,9 @@ fuzz: build/esp_fuzz
 build/esp_fuzz: native/esp_fuzz.c $(ESP_SRC) native/esp.h native/esp_internal.h native/esp_replay.h
 	mkdir -p build
 	gcc $(SAN_FLAGS) -Inative native/esp_fuzz.c $(ESP_SRC) -lcrypto -lpthread -o $@
+
+# --- IKE core fuzzing (long run; the suite runs a 300-example smoke version) ----------------
+IKE_FUZZ_EXAMPLES ?= 100000
+.PHONY: fuzz-ike
+fuzz-ike: setup
+	IKE_FUZZ_EXAMPLES=$(IKE_FUZZ_EXAMPLES) $(PYTEST) -q -p no:cacheprovider tests/test_ike_fuzz.py

@@ -343,9 +343,15 @@ class IkeEngine:
             raise DropMessage("not_authenticated")
         if sa.state != IkeState.HALF_OPEN and msg.exchange == ExchangeType.IKE_AUTH:
             raise DropMessage("unexpected_ike_auth")
-        payloads = self._open(sa, msg)
-        if payloads is None:
-            return []
+        try:
+            payloads = self._open(sa, msg)
+        except IkeProtocolError as exc:
+            # Authentic (it decrypted) but malformed inside: answer, do not drop (RFC 7296 2.21).
+            payloads, syntax_error = [], exc
+        else:
+            syntax_error = None
+            if payloads is None:
+                return []
         sa.last_heard = self.now
         if (local, remote) != (sa.local, sa.remote) and (sa.nat_detected or local[1] == 4500):
             # RFC 7296 section 2.23: follow the peer's NAT mapping on authenticated requests.
@@ -353,6 +359,8 @@ class IkeEngine:
             self.stats["peer_address_updated"] += 1
         task: Task | None = None
         try:
+            if syntax_error is not None:
+                raise syntax_error
             inner = Message(msg.spi_i, msg.spi_r, msg.exchange, msg.flags, msg.msg_id, payloads)
             inner.check_critical()
             task = responder_task(msg.exchange, payloads)

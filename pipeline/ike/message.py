@@ -131,6 +131,11 @@ class SkKeys:
 def encrypt(msg: Message, inner: list[Payload], keys: SkKeys) -> bytes:
     """Build the datagram for ``msg`` with ``inner`` payloads inside one SK payload."""
     first, plain = encode_chain(inner)
+    return encrypt_raw(msg, first, plain, keys)
+
+
+def encrypt_raw(msg: Message, first: int, plain: bytes, keys: SkKeys) -> bytes:
+    """Same as ``encrypt`` for an already encoded inner chain (first payload type, bytes)."""
     c = keys.cipher
     padded_len = len(c.pad(plain))
     sk_len = 4 + c.iv_size + padded_len + c.icv_size
