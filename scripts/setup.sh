@@ -12,7 +12,7 @@ APT_PACKAGES=(
   # native module build
   gcc make pkg-config libssl-dev python3-dev python3-venv
   # network tooling used by tests, demo and benchmarks
-  iproute2 tcpdump netsniff-ng iperf3 nftables ethtool
+  iproute2 iputils-ping tcpdump netsniff-ng iperf3 nftables ethtool
   # strongSwan test peer (../shared/peers/strongswan/README.md)
   strongswan-charon strongswan-swanctl libcharon-extra-plugins
   libstrongswan-standard-plugins libstrongswan-extra-plugins
