@@ -1,0 +1,1 @@
+"""XDP data plane control: loading bcc programs, filling maps, running programs on bytes."""
