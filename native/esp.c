@@ -240,6 +240,7 @@ static int sa_new(const struct xt_esp_ctx *ctx, const struct xt_esp_sa_params *p
     sa->hard_packets = p->hard_packets;
     sa->soft_bytes = p->soft_bytes;
     sa->hard_bytes = p->hard_bytes;
+    sa->has_limits = p->soft_packets || p->hard_packets || p->soft_bytes || p->hard_bytes;
     atomic_flag_clear(&sa->replay_lock);
     switch (p->enc_alg) {
     case XT_ESP_ENC_AES_GCM_16: sa->iv_len = 8; sa->icv_len = 16; sa->align = 4; break;
@@ -487,8 +488,8 @@ int xt_esp_sa_stats(struct xt_esp_ctx *ctx, uint8_t direction, uint32_t key, str
     out->packets = acc.packets;
     out->bytes = acc.bytes;
     memcpy(out->drops, acc.drops, sizeof(out->drops));
-    out->lifetime_packets = atomic_load(&sa->lt_packets);
-    out->lifetime_bytes = atomic_load(&sa->lt_bytes);
+    out->lifetime_packets = sa->has_limits ? atomic_load(&sa->lt_packets) : acc.packets;
+    out->lifetime_bytes = sa->has_limits ? atomic_load(&sa->lt_bytes) : acc.bytes;
     out->lifetime_flags = atomic_load(&sa->lt_flags);
     out->iv_counter = atomic_load(&sa->iv_ctr);
     if (direction == XT_ESP_DIR_OUT) {

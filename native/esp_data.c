@@ -79,9 +79,12 @@ static inline int lifetime_hard_hit(const struct xt_sa *sa)
 }
 
 /* Count an accepted packet against the lifetimes: the packet that reaches a hard limit still goes
- * through; the next one is dropped with lifetime_expired. */
+ * through; the next one is dropped with lifetime_expired. An SA without packet/byte limits skips
+ * the shared atomics (its lifetime totals are the sum of the per-worker counters). */
 static inline void lifetime_account(struct xt_sa *sa, uint32_t bytes)
 {
+    if (!sa->has_limits)
+        return;
     uint64_t p = atomic_fetch_add_explicit(&sa->lt_packets, 1, memory_order_relaxed) + 1;
     uint64_t b = atomic_fetch_add_explicit(&sa->lt_bytes, bytes, memory_order_relaxed) + bytes;
     uint32_t f = 0;
@@ -219,14 +222,10 @@ static unsigned decrypt_one(struct xt_esp_worker *w, struct xt_pkt *pk, struct x
     if (sa->enc == XT_ESP_ENC_AES_CBC && (ct_len == 0 || ct_len % 16))
         return XT_ESP_V_TRUNCATED;
 
-    /* Replay pre-check (RFC 4303 3.4.3): cheap, before any crypto. */
-    if (sa->replay) {
-        replay_lock(sa);
-        int ok = xt_replay_check(sa->replay, seq);
-        replay_unlock(sa);
-        if (!ok)
-            return XT_ESP_V_REPLAY;
-    }
+    /* Replay pre-check (RFC 4303 3.4.3): cheap, before any crypto, without the lock: a stale
+     * view only lets a replay through to the locked re-check after the ICV. */
+    if (sa->replay && !xt_replay_check(sa->replay, seq))
+        return XT_ESP_V_REPLAY;
 
     /* Integrity and decryption. */
     if (sa->enc == XT_ESP_ENC_AES_GCM_16) {
@@ -436,7 +435,7 @@ static unsigned encrypt_one(struct xt_esp_worker *w, struct xt_pkt *pk, struct x
     outer[0] = 0x45;
     outer[1] = tos;
     wr16(outer + 2, (uint16_t)total);
-    wr16(outer + 4, (uint16_t)atomic_fetch_add_explicit(&sa->ip_id, 1, memory_order_relaxed));
+    wr16(outer + 4, (uint16_t)seq); /* unique per SA within any reassembly lifetime (RFC 6864) */
     wr16(outer + 6, 0);
     outer[8] = sa->ttl;
     outer[9] = udp ? IPPROTO_UDP_ : IPPROTO_ESP_;

@@ -22,9 +22,11 @@
  * cache line; a read-write lock would make the writer wait for the data path.
  *
  * Per-SA mutable state shared by workers is kept small and lock-free except the replay window:
- *  - outbound sequence number, IV counter, IPv4 ID, lifetime totals: atomic fetch-add;
- *  - the anti-replay window: a per-SA spinlock held for a bit test/update only (never across crypto),
- *    so workers only meet when they process the same SA at the same instant;
+ *  - outbound sequence number, IV counter, lifetime totals (only for SAs with packet/byte limits):
+ *    atomic fetch-add; the outer IPv4 ID is the low 16 bits of the sequence number;
+ *  - the anti-replay window: checked without a lock before the crypto, then re-checked and updated
+ *    under a per-SA spinlock held for that bit update only (never across crypto), so workers only
+ *    meet when they process the same SA at the same instant;
  *  - cipher contexts and packet/drop counters: one slot per worker, no sharing at all.
  */
 #ifndef XT_ESP_INTERNAL_H
@@ -98,11 +100,11 @@ struct xt_sa {
     struct xt_hmac hmac;
 
     uint64_t soft_packets, hard_packets, soft_bytes, hard_bytes;
+    int has_limits; /* any of the four set: lifetimes are counted in lt_packets/lt_bytes */
 
     /* shared mutable state */
     _Atomic uint64_t seq_out __attribute__((aligned(XT_CACHELINE))); /* last used */
     _Atomic uint64_t iv_ctr;                                           /* next to use */
-    _Atomic uint32_t ip_id;
     _Atomic uint64_t lt_packets, lt_bytes;
     _Atomic uint32_t lt_flags;
     atomic_flag replay_lock;

@@ -18,29 +18,37 @@ struct xt_replay *xt_replay_new(uint32_t window)
 
 void xt_replay_free(struct xt_replay *r) { free(r); }
 
+/* All loads and stores of top and bits are relaxed atomics: xt_replay_check may run without the
+ * SA's replay lock (a pre-check that can only be stale, never torn), while updates hold it. */
+#define LD(x) __atomic_load_n(&(x), __ATOMIC_RELAXED)
+#define ST(x, v) __atomic_store_n(&(x), (v), __ATOMIC_RELAXED)
+
 int xt_replay_check(const struct xt_replay *r, uint64_t seq)
 {
+    uint64_t top = LD(r->top);
     if (seq == 0)
         return 0;
-    if (seq > r->top)
+    if (seq > top)
         return 1;
-    if (r->top - seq >= r->window)
+    if (top - seq >= r->window)
         return 0;
-    return !(r->bits[(seq >> 6) & r->mask] & (1ull << (seq & 63)));
+    return !(LD(r->bits[(seq >> 6) & r->mask]) & (1ull << (seq & 63)));
 }
 
 int xt_replay_update(struct xt_replay *r, uint64_t seq)
 {
     if (!xt_replay_check(r, seq))
         return 0;
-    if (seq > r->top) {
-        uint64_t from = r->top >> 6, to = seq >> 6, diff = to - from;
+    uint64_t top = LD(r->top);
+    if (seq > top) {
+        uint64_t from = top >> 6, to = seq >> 6, diff = to - from;
         if (diff > (uint64_t)r->mask + 1)
             diff = (uint64_t)r->mask + 1;
         for (uint64_t i = 1; i <= diff; i++)
-            r->bits[(from + i) & r->mask] = 0;
-        r->top = seq;
+            ST(r->bits[(from + i) & r->mask], 0);
+        ST(r->top, seq);
     }
-    r->bits[(seq >> 6) & r->mask] |= 1ull << (seq & 63);
+    uint64_t *word = &r->bits[(seq >> 6) & r->mask];
+    ST(*word, LD(*word) | 1ull << (seq & 63));
     return 1;
 }

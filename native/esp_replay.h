@@ -9,7 +9,8 @@
  *   - acceptable     otherwise (inside the window, not seen).
  * The bitmap holds at least window + 64 bits (rounded up to a power of two of blocks), so the
  * blocks cleared when sliding never hold a number that is still inside the window.
- * Callers check before verifying the ICV and update only after it verified (Appendix A: "the
+ * xt_replay_check may run without the caller's lock (see esp_replay.c); xt_replay_update must
+ * hold it. Callers check before verifying the ICV and update only after it verified (Appendix A: "the
  * receive window is updated only if the integrity verification succeeds").
  */
 #ifndef XT_ESP_REPLAY_H
