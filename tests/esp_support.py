@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,9 +14,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from pipeline import esp
 
-VECTORS = Path(__file__).resolve().parents[1].parent / "shared" / "vectors"
-if not VECTORS.is_dir():  # CI: a copy of shared/ beside the clone
-    VECTORS = Path(os.environ.get("XTRANSIT_SHARED", "../shared")).resolve() / "vectors"
+VECTORS = Path(__file__).resolve().parents[1].parent / "shared" / "vectors"  # shared/ beside the repo
 
 
 def load_vectors(name: str) -> dict:
