@@ -222,7 +222,8 @@ uint64_t xt_esp_bench_raw_gcm(unsigned key_len, unsigned size, unsigned iters);
     X(NOT_ESP, 11, "not_esp")                /* not ESP, IKE, keepalive */   \
     X(FRAGMENTED, 12, "fragmented")          /* outer IP fragment */         \
     X(NO_ROOM, 13, "no_room")                /* headroom/tailroom short */   \
-    X(UNKNOWN_TUNNEL, 14, "unknown_tunnel")  /* outbound: no SA */
+    X(UNKNOWN_TUNNEL, 14, "unknown_tunnel")  /* outbound: no SA */          \
+    X(BAD_CHECKSUM, 15, "bad_checksum")      /* outer IPv4 header checksum */
 
 enum xt_esp_verdict {
 #define XT_ESP_VERDICT_ENUM(name, num, str) XT_ESP_V_##name = num,

@@ -131,6 +131,8 @@ static unsigned parse_outer(const uint8_t *p, uint32_t len, uint32_t *esp_off, u
         uint32_t ihl = (uint32_t)(p[0] & 15) * 4, tot = rd16(p + 2);
         if (ihl < 20 || tot < ihl || tot > len)
             return XT_ESP_V_TRUNCATED;
+        if (ip_csum(p, ihl) != 0) /* RFC 1122 3.2.1.2: verify, silently discard */
+            return XT_ESP_V_BAD_CHECKSUM;
         if (rd16(p + 6) & 0x3fff) /* MF or fragment offset: reassembly is not ours */
             return XT_ESP_V_FRAGMENTED;
         proto = p[9];

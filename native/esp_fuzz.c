@@ -191,6 +191,18 @@ int main(int argc, char **argv)
                     }
                 }
             }
+            /* mostly keep the outer IPv4 checksum valid so mutations reach the parsers behind it */
+            if (len >= 20 && (p[0] >> 4) == 4 && (p[0] & 15) >= 5 && (uint32_t)(p[0] & 15) * 4 <= len &&
+                rnd() % 8) {
+                uint32_t ihl = (uint32_t)(p[0] & 15) * 4, sum = 0;
+                p[10] = p[11] = 0;
+                for (uint32_t k = 0; k < ihl; k += 2)
+                    sum += (uint32_t)(p[k] << 8 | p[k + 1]);
+                while (sum >> 16)
+                    sum = (sum & 0xffff) + (sum >> 16);
+                p[10] = (uint8_t)(~sum >> 8);
+                p[11] = (uint8_t)~sum;
+            }
             uint32_t tail = FRAME - head - len;
             pk[i] = (struct xt_pkt){.data = p, .len = len, .headroom = head, .tailroom = tail};
         }

@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from esp_support import SUITES, suite_sas
+from esp_support import SUITES, outer_ipv4, suite_sas
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -51,8 +51,7 @@ def rx():
 def test_random_frames_get_a_named_verdict(rx, frames, spi, head):
     b = esp.PacketBatch(len(frames), frame_size=512, headroom=head)
     # half of them carry a known SPI after an IPv4/ESP header so the SA path is reached
-    frames = [(bytes.fromhex("4500") + (20 + len(f) + 8).to_bytes(2, "big") + bytes(5) + b"\x32"
-               + bytes(10) + spi.to_bytes(4, "big") + f[:4].ljust(4, b"\1") + f) if i % 2 else f
+    frames = [outer_ipv4(spi.to_bytes(4, "big") + f[:4].ljust(4, b"\1") + f) if i % 2 else f
               for i, f in enumerate(frames)]
     b.fill(frames)
     rx.decrypt(b)

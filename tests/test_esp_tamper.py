@@ -5,7 +5,7 @@ from __future__ import annotations
 import struct
 
 import pytest
-from esp_support import SUITES, ipv4, ipv6, outer_ipv4, ref_encrypt, run, suite_sas
+from esp_support import SUITES, csum, ipv4, ipv6, outer_ipv4, ref_encrypt, run, suite_sas
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -80,6 +80,29 @@ def test_every_bit_flip_is_rejected(suite):
         ctx.close()
 
 
+@pytest.mark.parametrize("suite", ["gcm128", "cbc128-sha1"])
+def test_every_bit_flip_of_the_outer_header_is_rejected(suite):
+    """The outer IPv4 header is not covered by the ICV, but its checksum is verified (RFC 1122
+    3.2.1.2): no single-bit flip gets through."""
+    ctx, w, wire = protected_packet(suite)
+    try:
+        b = esp.PacketBatch(160, frame_size=256, headroom=0)
+        for bit in range(160):
+            t = bytearray(wire)
+            t[bit // 8] ^= 0x80 >> (bit % 8)
+            b.set(bit, bytes(t))
+        assert w.decrypt(b) == 0
+        verdicts = b.verdicts()
+        assert set(verdicts) <= {"bad_checksum", "not_esp", "truncated"}
+        # version nibble 4 -> 12, 0, 6 (parsed as IPv6: lengths do not fit), 5
+        assert verdicts[0:4] == ["not_esp", "not_esp", "truncated", "not_esp"]
+        assert verdicts[80:96] == ["bad_checksum"] * 16  # the checksum field itself
+        [(v, _)] = run(w, [wire])
+        assert v == "ok"
+    finally:
+        ctx.close()
+
+
 def in_ctx(suite_name="gcm128", **kw):
     suite = next(s for s in SUITES if s[0] == suite_name)
     _, in_sa, ref = suite_sas(suite, **kw)
@@ -147,6 +170,9 @@ def test_truncated_not_esp_fragmented_unknown_spi():
         frag = bytearray(good)
         frag[6] = 0x20  # MF
         frag[10:12] = b"\0\0"
+        frag[10:12] = csum(bytes(frag[:20])).to_bytes(2, "big")
+        bad_csum = bytearray(good)
+        bad_csum[8] -= 1  # TTL decremented without the checksum update
         other = ref_encrypt(ref, ipv4(b"hi"), 2, bytes(8))
         other = struct.pack("!I", 0x2000) + other[4:]
         keepalive = outer_ipv4(b"\xff", udp=(4500, 4500))
@@ -157,6 +183,7 @@ def test_truncated_not_esp_fragmented_unknown_spi():
             (outer_ipv4(good[20:20 + 8 + 8 + 10]), "truncated"),  # no room for trailer + ICV
             (good[:60] + b"", "truncated"),        # IPv4 total length beyond the frame
             (bytes(frag), "fragmented"),
+            (bytes(bad_csum), "bad_checksum"),
             (ipv4(b"x" * 30, proto=6), "not_esp"),
             (keepalive, "not_esp"),
             (ike, "not_esp"),
@@ -166,7 +193,7 @@ def test_truncated_not_esp_fragmented_unknown_spi():
         got = run(w, [c for c, _ in cases])
         assert [v for v, _ in got] == [want for _, want in cases]
         d = ctx.stats()["drops"]
-        assert (d["fragmented"], d["not_esp"], d["unknown_spi"]) == (1, 4, 1)
+        assert (d["fragmented"], d["not_esp"], d["unknown_spi"], d["bad_checksum"]) == (1, 4, 1, 1)
         # Truncation found before the SPI counts on the context, after it on the SA
         assert d["truncated"] + drops(ctx).get("truncated", 0) == 4
 

@@ -77,6 +77,17 @@ def test_decrypt_vector(vid):
             assert st.drops[exp["error"]] == 1 and st.packets == 0 and st.seq == 0
 
 
+def test_outer_checksum_is_verified():
+    """mcgrew case 12 as ODP recorded it has an outer IPv4 checksum off by one: dropped as
+    bad_checksum before the SPI is even looked at; the corrected packet is a dummy packet."""
+    v = BY_ID["mcgrew-gcm-case12-tunnel-dummy"]
+    with esp.EspContext() as ctx, ctx.worker() as w:
+        ctx.add_sa(sa_params(v, "in"))
+        got = run(w, [bytes.fromhex(v["protected_ip"]), protected(v)])
+        assert [verdict for verdict, _ in got] == ["bad_checksum", "dummy_packet"]
+        assert ctx.stats()["drops"]["bad_checksum"] == 1
+
+
 def test_spi_zero_vector_is_refused_clearly():
     v = BY_ID["mcgrew-gcm-case4-tunnel"]
     with esp.EspContext() as ctx, pytest.raises(esp.EspError, match="SPI 0 is reserved"):
