@@ -357,11 +357,11 @@ class EspWorker:
 
     def decrypt(self, batch: PacketBatch) -> int:
         """Decrypt batch.count frames in place; returns how many passed (verdict "ok")."""
-        return int(lib.xt_esp_decrypt_batch(self._handle(), batch.pkts, batch.count))
+        return int(lib.xt_esp_decrypt_batch(self._handle(), batch._checked(), batch.count))
 
     def encrypt(self, batch: PacketBatch) -> int:
         """Encrypt batch.count frames in place (tunnel ids select the SAs)."""
-        return int(lib.xt_esp_encrypt_batch(self._handle(), batch.pkts, batch.count))
+        return int(lib.xt_esp_encrypt_batch(self._handle(), batch._checked(), batch.count))
 
     def close(self) -> None:
         self._release()
@@ -452,6 +452,19 @@ class PacketBatch:
 
     def tunnel(self, i: int) -> int:
         return int(self.pkts[i].tunnel)
+
+    def _checked(self) -> Any:
+        if self._base is None:
+            raise EspError("batch buffer was released")
+        return self.pkts
+
+    def release(self) -> None:
+        """Drop this batch's hold on the buffer (needed before closing an mmap given to it)."""
+        self._mv.release()
+        esp_buf, self._base = self._base, None
+        if hasattr(ffi, "release"):
+            ffi.release(esp_buf)
+        self.count = 0
 
     def results(self) -> list[tuple[str, bytes | None]]:
         """(verdict, packet or None) for every frame of the batch."""

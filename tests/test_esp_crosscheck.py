@@ -118,3 +118,34 @@ def test_udp_encapsulation_both_ways(suite):
         assert ref_decrypt(ref, wire[28:])[1] == inner
         b.set(0, wire)
         assert w.decrypt(b) == 1 and b.get(0) == inner
+
+
+def test_caller_owned_buffer_like_a_umem():
+    """An anonymous mmap stands in for the AF_XDP UMEM: frames are described in place, with the
+    headroom each one happens to have, and results are read back from the same memory."""
+    import mmap
+
+    out_sa, in_sa, ref = suite_sas(SUITES[0])
+    umem = mmap.mmap(-1, 8 * 2048)
+    inner = [ipv4(bytes([k]) * (10 + 100 * k)) for k in range(8)]
+    with esp.EspContext() as ctx, ctx.worker() as w:
+        ctx.add_sa(out_sa)
+        ctx.add_sa(in_sa)
+        b = esp.PacketBatch(8, frame_size=2048, buffer=umem)
+        for k, pkt in enumerate(inner):
+            off = 40 + 16 * k
+            umem[k * 2048 + off:k * 2048 + off + len(pkt)] = pkt
+            b.place(k, off, len(pkt), tunnel=5)
+        assert w.encrypt(b) == 8
+        for k in range(8):
+            off = b.offset(k)
+            assert off == k * 2048 + 40 + 16 * k - 36  # outer IPv4 + ESP header + IV in front
+            assert umem[off:off + b.pkts[k].len] == b.get(k)
+            assert ref_decrypt(ref, b.get(k)[20:])[1] == inner[k]
+        assert w.decrypt(b) == 8  # in place again: the encrypted frames where they are
+        assert [b.get(k) for k in range(8)] == inner
+        assert [b.offset(k) - k * 2048 for k in range(8)] == [40 + 16 * k for k in range(8)]
+        b.release()
+        with pytest.raises(esp.EspError, match="released"):
+            w.decrypt(b)
+    umem.close()

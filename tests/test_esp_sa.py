@@ -272,3 +272,17 @@ def test_two_nodes_sharing_an_sa_never_repeat_an_iv():
     assert np.all(a >> np.uint64(48) == 1) and np.all(b >> np.uint64(48) == 2)
     # per node the counter runs 0, 1, 2, ...: independent of the sequence number's role
     assert np.array_equal(a & np.uint64(2**48 - 1), np.arange(n, dtype=np.uint64))
+
+
+def test_c_api_refuses_esn_itself():
+    """Callers from C (the AF_XDP worker) get the same refusal as the Python wrapper gives."""
+    p = esp.ffi.new("struct xt_esp_sa_params *")
+    p.spi, p.direction, p.enc_alg, p.enc_key_len = 0x42, esp.lib.XT_ESP_DIR_IN, \
+        esp.lib.XT_ESP_ENC_AES_GCM_16, 16
+    p.flags = esp.lib.XT_ESP_F_ESN
+    with esp.EspContext() as ctx:
+        assert esp.lib.xt_esp_sa_add(ctx._ptr(), p) == esp.lib.XT_ESP_E_ESN
+        msg = esp.ffi.string(esp.lib.xt_esp_strerror(esp.lib.XT_ESP_E_ESN)).decode()
+        assert msg == "extended sequence numbers (ESN) are not supported"
+        p.flags = 0
+        assert esp.lib.xt_esp_sa_add(ctx._ptr(), p) == 0
