@@ -331,6 +331,18 @@ class EtcdStore(Store):
             return [(m.ID, m.name, list(m.clientURLs)) for m in r.members]
         return self._call("member list", fn)
 
+    def leader(self) -> str | None:
+        """The endpoint (of ours) of the current leader, asking each member in turn."""
+        for i, t in enumerate(self.targets):
+            try:
+                r = rpc_pb2_grpc.MaintenanceStub(self._channel(i)).Status(
+                    rpc_pb2.StatusRequest(), timeout=self.timeout)
+            except grpc.RpcError:
+                continue
+            if r.leader and r.leader == r.header.member_id:
+                return t
+        return None
+
     def close(self) -> None:
         with self._lock:
             if self._closed:
