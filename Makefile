@@ -20,13 +20,13 @@ lint: setup
 	.venv/bin/ruff check pipeline tests bench
 
 clean:
-	rm -rf build *.egg-info pipeline/*.so native/_*.c native/*.o .pytest_cache
+	rm -rf build *.egg-info pipeline/*.so native/_*.c native/*.o .pytest_cache .venv/.xtransit-install
 
 # --- native ESP: sanitizers and fuzzing (long runs, outside `make test`) --------------------
 # sanitize: the cffi module rebuilt with -fsanitize=address,undefined into build/asan and loaded
 # instead of pipeline._esp (XTRANSIT_ESP_MODULE); Python itself is not instrumented, so libasan
 # and libubsan are preloaded and leak checking (CPython's own) is off. Then the ESP tests, and
-# the fuzz driver under the same sanitizers.
+# the fuzz driver under the same sanitizers, then under ThreadSanitizer.
 ESP_SRC    := native/esp.c native/esp_data.c native/esp_replay.c native/esp_bench.c
 SAN_FLAGS  := -O1 -g -std=gnu11 -Wall -Wextra -Wno-unused-parameter -fno-omit-frame-pointer \
               -fsanitize=address,undefined -fno-sanitize-recover=undefined
@@ -44,6 +44,12 @@ sanitize: setup
 	    'import pipeline.esp as e; assert "build/asan" in e._native.__file__; print("sanitize: using", e._native.__file__)' && \
 	  XTRANSIT_ESP_MODULE=$$PWD/$$so $(SAN_ENV) $(PYTEST) -q -p no:cacheprovider tests/test_esp_*.py
 	$(MAKE) --no-print-directory fuzz FUZZ_INPUTS=200000
+	@# ThreadSanitizer over the fuzz driver (two workers and an SA-churn thread). TSan does not
+	@# model atomic_thread_fence (-Wtsan says so); the fences only strengthen seq_cst accesses
+	@# that TSan does model.
+	gcc -O1 -g -std=gnu11 -fsanitize=thread -Wno-tsan -Inative native/esp_fuzz.c $(ESP_SRC) \
+	  -lcrypto -lpthread -o build/esp_fuzz_tsan
+	build/esp_fuzz_tsan 100000 1
 
 fuzz: build/esp_fuzz
 	build/esp_fuzz $(FUZZ_INPUTS) 1

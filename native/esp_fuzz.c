@@ -9,8 +9,9 @@
  * transport mode, UDP encapsulation), then mutated: bit flips, random bytes, truncation,
  * extension, length fields (IPv4 total length, IHL, UDP length), SPIs, pad length; plus fully
  * random frames. Each goes through xt_esp_decrypt_batch with random head/tailroom. A second thread
- * replaces and deletes the inbound SAs all the while, so reclamation is exercised too. Every result
- * is checked against the frame bounds; any violation aborts. Exit 0 = no crash, no violation.
+ * replaces and deletes the inbound SAs all the while, so reclamation is exercised too, and a third
+ * runs a second worker on the same SAs. Every result is checked against the frame bounds; any
+ * violation aborts. Exit 0 = no crash, no violation.
  */
 #include <pthread.h>
 #include <stdatomic.h>
@@ -95,6 +96,46 @@ static void *churn(void *arg)
     return NULL;
 }
 
+/* A second worker decrypting (and encrypting) valid packets on the same SAs at the same time:
+ * shared replay windows, sequence/IV counters and reclamation see two workers. */
+struct second {
+    struct xt_esp_ctx *ctx;
+    const uint8_t (*seeds)[FRAME];
+    const uint32_t *seed_len;
+    unsigned long batches;
+};
+
+static void *second_worker(void *arg)
+{
+    struct second *sw = arg;
+    struct xt_esp_worker *w = xt_esp_worker_new(sw->ctx);
+    uint8_t *buf = malloc((size_t)FRAME * BATCH);
+    struct xt_pkt pk[BATCH];
+    if (!w || !buf)
+        abort();
+    while (!atomic_load(&stop_churn)) {
+        for (unsigned i = 0; i < BATCH; i++) {
+            unsigned s = (unsigned)(sw->batches + i) % NSEED;
+            uint8_t *frame = buf + (size_t)i * FRAME;
+            memcpy(frame + 64, sw->seeds[s], sw->seed_len[s]);
+            pk[i] = (struct xt_pkt){.data = frame + 64, .len = sw->seed_len[s], .headroom = 64,
+                                    .tailroom = FRAME - 64 - sw->seed_len[s]};
+        }
+        xt_esp_decrypt_batch(w, pk, BATCH);
+        for (unsigned i = 0; i < BATCH; i++) {
+            if (pk[i].verdict >= xt_esp_verdict_count() || pk[i].data < buf + (size_t)i * FRAME ||
+                pk[i].data + pk[i].len > buf + (size_t)(i + 1) * FRAME)
+                abort();
+            pk[i].tunnel = (uint32_t)(i % N_SA) + 1;
+        }
+        xt_esp_encrypt_batch(w, pk, BATCH); /* whatever decrypted fine goes out again */
+        sw->batches++;
+    }
+    xt_esp_worker_free(w);
+    free(buf);
+    return NULL;
+}
+
 static void die(const char *what, unsigned i)
 {
     fprintf(stderr, "esp_fuzz: invariant violated: %s (frame %u)\n", what, i);
@@ -148,8 +189,10 @@ int main(int argc, char **argv)
         seed_len[s] = pk[0].len;
     }
 
-    pthread_t th;
+    pthread_t th, th2;
+    struct second sw = {.ctx = ctx, .seeds = (const uint8_t (*)[FRAME])seeds, .seed_len = seed_len};
     pthread_create(&th, NULL, churn, ctx);
+    pthread_create(&th2, NULL, second_worker, &sw);
     unsigned long hist[32] = {0}, done = 0;
     while (done < total) {
         unsigned n = BATCH;
@@ -235,10 +278,12 @@ int main(int argc, char **argv)
     }
     atomic_store(&stop_churn, 1);
     pthread_join(th, NULL);
+    pthread_join(th2, NULL);
     xt_esp_worker_free(w);
     xt_esp_ctx_free(ctx);
     free(buf);
-    printf("esp_fuzz: %lu inputs, no crash; verdicts:", done);
+    printf("esp_fuzz: %lu inputs, no crash (second worker: %lu batches); verdicts:", done,
+           sw.batches);
     for (unsigned v = 0; v < xt_esp_verdict_count(); v++)
         if (hist[v])
             printf(" %s=%lu", xt_esp_verdict_name(v), hist[v]);

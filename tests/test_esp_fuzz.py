@@ -27,7 +27,7 @@ def test_fuzz_driver_smoke(tmp_path):
     res = subprocess.run([str(exe), "30000", "3"], check=False, capture_output=True, text=True,
                          timeout=120)
     assert res.returncode == 0, res.stderr
-    assert res.stdout.startswith("esp_fuzz: 30016 inputs, no crash; verdicts:")
+    assert res.stdout.startswith("esp_fuzz: 30016 inputs, no crash (second worker: ")
     counts = dict(kv.split("=") for kv in res.stdout.split("verdicts:")[1].split())
     assert set(counts) <= set(esp.VERDICTS)
     # the corpus reaches deep: accepted packets, ICV failures and post-decrypt checks all occur
