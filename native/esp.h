@@ -12,7 +12,10 @@
  *                         hash tables chosen at creation (O(1) lookup, 100,000 SAs and more).
  *   struct xt_esp_worker  one per packet-processing thread (at most max_workers). It owns the per-SA
  *                         cipher contexts of its slot and the epoch used for safe SA reclamation.
- *                         A worker must only be used by one thread at a time.
+ *                         A worker must only be used by one thread at a time. An EVP context is
+ *                         not thread-safe, so "one context per SA and direction, reused" is one
+ *                         per SA and worker slot, keyed once at xt_esp_sa_add (about 1-2.5 KB of
+ *                         memory per SA and slot for GCM); per packet only the IV is set.
  *   struct xt_pkt         one frame in a caller-owned buffer (an AF_XDP UMEM frame, a Python
  *                         bytearray, ...): `data` points at the packet, with `headroom` free bytes
  *                         before it and `tailroom` free bytes after data + len.
