@@ -22,6 +22,7 @@ from .constants import (
     Notify,
     PayloadType,
     ProtocolId,
+    TransformType,
     is_error_notify,
 )
 from .crypto import (
@@ -44,10 +45,11 @@ from .payloads import (
     Proposal,
     SaPayload,
     TrafficSelector,
+    Transform,
     TsPayload,
     syntax,
 )
-from .proposal import IKE_POLICY, Selection, esp_policy, ike_proposal, select
+from .proposal import DH_PREFERENCE, IKE_POLICY, Selection, esp_policy, ike_proposal, select
 from .state import ChildSa, IkeSa, IkeState, nat_hash, psk_auth, random_spi, split_child_keymat
 from .tunnels import IkeTunnel
 
@@ -470,8 +472,14 @@ class ChildCreateTask(Task):
         s = self.rekey.sel
         props = []
         if self.pfs_group:
-            props.append(esp_proposal(s.encr, s.key_bits, 0 if s.aead else s.integ, b"",
-                                      dh=self.pfs_group, num=1))
+            # The KE group first, then every other group we accept, so that a peer configured
+            # for another one answers INVALID_KE_PAYLOAD instead of NO_PROPOSAL_CHOSEN.
+            pfs = esp_proposal(s.encr, s.key_bits, 0 if s.aead else s.integ, b"",
+                               dh=self.pfs_group, num=1)
+            extra = [Transform.make(TransformType.DH, g) for g in DH_PREFERENCE
+                     if g != self.pfs_group]
+            pfs.transforms[-1:-1] = extra  # before the ESN transform
+            props.append(pfs)
         props.append(esp_proposal(s.encr, s.key_bits, 0 if s.aead else s.integ, b"",
                                   num=len(props) + 1))
         return props

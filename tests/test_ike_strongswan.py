@@ -1,0 +1,311 @@
+"""Interop: the real strongSwan peer (../shared/peers/strongswan/peer.sh) as the customer router,
+our responder in an "edge" namespace; the Child SA must reach the recording SaInstaller.
+
+The namespaces are created by the Lab fixture (guaranteed teardown); peer.sh runs charon in the
+existing customer namespace and cleans up after itself with ``down``.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+
+from pipeline.ike.engine import EngineConfig, IkeEngine
+from pipeline.ike.server import IkeServer
+from pipeline.ike.tunnels import IkeTunnel, TunnelDirectory
+from pipeline.sa import ENCR_AES_CBC, ENCR_AES_GCM_16, RecordingSaInstaller
+
+pytestmark = [pytest.mark.peer, pytest.mark.netns]
+
+REPO = Path(__file__).resolve().parent.parent
+PEER_SH = (REPO / ".." / "shared" / "peers" / "strongswan" / "peer.sh").resolve()
+EDGE, CUST = "192.0.2.1", "192.0.2.2"
+DOMAIN = "example.net"
+PSK = b"sw-test-psk-0123456789"
+TUNNEL = IkeTunnel(name="cust-a", tunnel_id="f5407d8db1a542b196c59f6d04ba8bd1",
+                   account_id="123456789", edge_endpoint=EDGE, customer_endpoint=CUST, psk=PSK,
+                   dpd_interval=0)
+FQDN = f"{TUNNEL.tunnel_id}.{TUNNEL.account_id}.ipsec.{DOMAIN}"
+
+log = logging.getLogger(__name__)
+
+
+class Edge:
+    """Our responder on an asyncio loop in a thread, sockets opened in the edge namespace."""
+
+    def __init__(self, ns, tunnels, config=None):
+        self.installer = RecordingSaInstaller()
+        self.engine = IkeEngine(TunnelDirectory(tunnels, DOMAIN), self.installer, config)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+        def factory(addr, port):
+            with ns.enter():
+                return IkeServer.make_socket(addr, port)
+
+        self.factory = factory
+        self.resume()
+
+    def pause(self):
+        """Close the sockets (the engine keeps its state): packets to the edge go nowhere."""
+        asyncio.run_coroutine_threadsafe(self.server.close(), self.loop).result(5)
+
+    def resume(self):
+        self.server = IkeServer(self.engine, [EDGE], socket_factory=self.factory, tick=0.2)
+        asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(5)
+
+    def call(self, fn, *args):
+        async def run():
+            return fn(*args)
+        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(5)
+
+    def close(self):
+        asyncio.run_coroutine_threadsafe(self.server.close(), self.loop).result(5)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+
+@pytest.fixture
+def topo(lab):
+    edge = lab.namespace("edge")
+    cust = lab.namespace("sw")
+    lab.veth(cust, "c0", edge, "e0", f"{CUST}/24", f"{EDGE}/24",
+             mac_a="02:00:00:00:0c:01", mac_b="02:00:00:00:0e:01")
+    edge.add_neighbour("e0", CUST, "02:00:00:00:0c:01")
+    cust.add_neighbour("c0", EDGE, "02:00:00:00:0e:01")
+    started = []
+
+    def start(tunnels=(TUNNEL,), config=None):
+        e = Edge(edge, list(tunnels), config)
+        started.append(e)
+        return e
+
+    yield edge, cust, start
+    for e in started:
+        e.close()
+    subprocess.run([str(PEER_SH), "down", "--ns", cust.name], check=False, capture_output=True,
+                   timeout=30)
+
+
+def peer(cust, *args, timeout=60):
+    cmd = [str(PEER_SH), "up", "--ns", cust.name, "--local", f"{CUST}/24", "--remote", EDGE,
+           "--psk", PSK.decode(), "--timeout", "10", "--retries", "2", *args]
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout)
+    log.info("peer.sh %s -> %s\n%s", " ".join(args), proc.returncode, proc.stderr[-3000:])
+    return proc
+
+
+def peer_cmd(cust, *args):
+    return subprocess.run([str(PEER_SH), *args[:1], "--ns", cust.name, *args[1:]],
+                          check=False, capture_output=True, text=True, timeout=60)
+
+
+def test_default_proposal_fqdn_nat_t_auto(topo):
+    _, cust, start = topo
+    e = start()
+    proc = peer(cust, "--id-type", "fqdn", "--id", FQDN)
+    assert proc.returncode == 0, proc.stderr
+    assert e.installer.wait_for(lambda sas: len(sas) == 1, 5)
+    (sa,) = e.installer.sas.values()
+    assert (sa.encr, sa.encr_key_bits, sa.integ) == (ENCR_AES_GCM_16, 256, None)
+    assert (sa.local_addr, sa.remote_addr, sa.tunnel_name) == (EDGE, CUST, "cust-a")
+    # strongSwan's userspace ESP fakes NAT detection and floats to 4500 (peer README)
+    assert (sa.encap_local_port, sa.encap_remote_port) == (4500, 4500)
+    assert [str(s) for s in sa.ts_remote] == ["10.10.1.0/24"]
+    assert [str(s) for s in sa.ts_local] == ["10.10.2.0/24"]
+    status = peer_cmd(cust, "status").stdout
+    assert f"{sa.spi_out:08x}" in status and f"{sa.spi_in:08x}" in status
+    # DELETE from the peer removes the IKE SA and uninstalls the Child SA
+    peer_cmd(cust, "down")
+    assert e.installer.wait_for(lambda sas: not sas, 10)
+    assert e.call(lambda: len(e.engine.sas)) == 0
+
+
+@pytest.mark.parametrize("id_type,id_value,ike,esp,natt", [
+    ("keyid", "123456789_f5407d8db1a542b196c59f6d04ba8bd1", "aes256-sha256-modp2048", "aes128-sha256", "4500"),
+    ("email", f"ipsec@{FQDN}", "aes128gcm16-prfsha384-modp1536", "aes256-sha1", "auto"),
+    # strongSwan parses a bare address as ID_IPV4_ADDR ("ipv4:" would send the text bytes)
+    ("raw", CUST, "aes256gcm16-prfsha512-ecp384", "aes128gcm16", "4500-nomarker"),
+])
+def test_id_types_and_proposals(topo, id_type, id_value, ike, esp, natt):
+    _, cust, start = topo
+    e = start()
+    proc = peer(cust, "--id-type", id_type, "--id", id_value, "--ike", ike, "--esp", esp,
+                "--natt", natt)
+    assert proc.returncode == 0, proc.stderr
+    assert e.installer.wait_for(lambda sas: len(sas) == 1, 5)
+    (sa,) = e.installer.sas.values()
+    want = {"aes128-sha256": (ENCR_AES_CBC, 128, "hmac-sha2-256-128"),
+            "aes256-sha1": (ENCR_AES_CBC, 256, "hmac-sha1-96"),
+            "aes128gcm16": (ENCR_AES_GCM_16, 128, None)}[esp]
+    assert (sa.encr, sa.encr_key_bits, sa.integ) == want
+    assert sa.encap_local_port == 4500
+
+
+def test_wrong_psk_fails_fast_and_leaves_nothing(topo):
+    _, cust, start = topo
+    e = start()
+    proc = peer(cust, "--id-type", "fqdn", "--id", FQDN, "--psk", "not-the-psk")
+    assert proc.returncode != 0
+    assert "AUTHENTICATION_FAILED" in proc.stderr
+    assert e.installer.sas == {} and e.installer.events == []
+    assert e.call(lambda: len(e.engine.sas)) == 0
+    assert e.engine.stats["auth_failed"] == 1
+
+
+def test_child_rekey_with_pfs_and_ike_rekey(topo):
+    _, cust, start = topo
+    e = start()
+    proc = peer(cust, "--id-type", "fqdn", "--id", FQDN, "--esp", "aes128gcm16-modp2048")
+    assert proc.returncode == 0, proc.stderr
+    assert e.installer.wait_for(lambda sas: len(sas) == 1, 5)
+    (old,) = e.installer.sas.values()
+    st = peer_cmd(cust, "exec", "--", "swanctl", "--rekey", "--child", "net", "--uri",
+                  f"unix:///tmp/swan-peer/{cust.name}/charon.vici")
+    assert st.returncode == 0, st.stderr + st.stdout
+    assert e.installer.wait_for(lambda sas: len(sas) == 1 and old.spi_in not in sas, 10)
+    assert ("replace", next(iter(e.installer.sas))) in e.installer.events
+    (ike_sa,) = e.call(lambda: e.engine.established_sas())
+    (new_spi,) = e.installer.sas
+    assert ike_sa.children[new_spi].sel.dh == 14  # PFS group from the ESP proposal
+    st = peer_cmd(cust, "exec", "--", "swanctl", "--rekey", "--ike", "peer", "--uri",
+                  f"unix:///tmp/swan-peer/{cust.name}/charon.vici")
+    assert st.returncode == 0, st.stderr + st.stdout
+    assert _wait(lambda: e.call(lambda: [s.spi_i for s in e.engine.established_sas()]) not in
+                 ([], [ike_sa.spi_i]), 10)
+    assert e.engine.stats["ike_rekeyed"] == 1 and len(e.installer.sas) == 1
+
+
+def _wait(pred, timeout):
+    import time
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _vici(cust):
+    return f"unix:///tmp/swan-peer/{cust.name}/charon.vici"
+
+
+@pytest.mark.parametrize("args,notify,where", [
+    (("--id", "nope.123456789.ipsec.example.net"), "AUTHENTICATION_FAILED", "auth"),
+    (("--id", FQDN, "--ike", "3des-sha256-modp2048"), "NO_PROPOSAL_CHOSEN", "init"),
+    (("--id", FQDN, "--ike", "aes256-sha256-modp1024"), "NO_PROPOSAL_CHOSEN", "init"),
+    (("--id", FQDN, "--esp", "aes128gcm16-esn"), "NO_PROPOSAL_CHOSEN", "child"),
+    (("--id", FQDN, "--esp", "null-sha256"), "NO_PROPOSAL_CHOSEN", "child"),
+], ids=["unknown-id", "3des-only", "modp1024-only", "esn-only", "null-not-allowed"])
+def test_refusals_fail_fast_and_leave_no_sa(topo, args, notify, where):
+    _, cust, start = topo
+    e = start()
+    proc = peer(cust, "--id-type", "fqdn", *args)
+    assert proc.returncode != 0
+    assert notify in proc.stderr
+    assert e.installer.sas == {} and e.installer.events == []
+    # a refused Child SA leaves the IKE SA to the peer, which deletes it on the way out
+    assert _wait(lambda: e.call(lambda: len(e.engine.sas)) == 0, 10)
+    if where == "init":
+        assert e.engine.stats["init_refused_no_proposal_chosen"] >= 1
+
+
+def test_null_cipher_for_a_tunnel_that_allows_it(topo):
+    _, cust, start = topo
+    from dataclasses import replace
+
+    e = start([replace(TUNNEL, allow_null_cipher=True)])
+    proc = peer(cust, "--id-type", "fqdn", "--id", FQDN, "--esp", "null-sha256")
+    assert proc.returncode == 0, proc.stderr
+    (sa,) = e.installer.sas.values()
+    assert (sa.encr, sa.integ, sa.enc_key_in, len(sa.integ_key_in)) == (
+        "null", "hmac-sha2-256-128", b"", 32)
+
+
+def test_edge_rekeys_child_with_invalid_ke_retry_and_deletes_ike(topo):
+    """The edge starts the Child SA rekey (PFS with the IKE group, ecp384); strongSwan wants
+    modp2048 (its ESP proposal) and answers INVALID_KE_PAYLOAD; the retry succeeds."""
+    from pipeline.ike.constants import ProtocolId
+    from pipeline.ike.payloads import DeletePayload
+    from pipeline.ike.tasks import ChildCreateTask, InformationalTask
+
+    _, cust, start = topo
+    e = start()
+    assert peer(cust, "--id-type", "fqdn", "--id", FQDN).returncode == 0
+    (old,) = e.installer.sas.values()
+    (ike_sa,) = e.call(lambda: e.engine.established_sas())
+    child = ike_sa.children[old.spi_in]
+    e.call(lambda: e.server.send(e.engine.start(
+        ike_sa, ChildCreateTask(rekey=child, pfs_group=20), e.server.clock())))
+    assert e.installer.wait_for(lambda sas: len(sas) == 1 and old.spi_in not in sas, 10)
+    (new,) = e.installer.sas.values()
+    assert e.engine.stats["request_retried"] == 1
+    assert _wait(lambda: f"{new.spi_in:08x}" in peer_cmd(cust, "status").stdout, 5)
+    # strongSwan lists the old SA as DELETED for a few seconds before destroying it
+    assert _wait(lambda: f"{old.spi_in:08x}" not in peer_cmd(cust, "status").stdout, 12)
+    # DELETE of the IKE SA from the edge: strongSwan drops it, we uninstall the Child SA
+    e.call(lambda: e.server.send(e.engine.start(
+        ike_sa, InformationalTask([DeletePayload(ProtocolId.IKE, [])]), e.server.clock())))
+    assert e.installer.wait_for(lambda sas: not sas, 5)
+    assert _wait(lambda: "ESTABLISHED" not in peer_cmd(cust, "status").stdout, 5)
+
+
+def test_liveness_then_peer_restart_old_sa_torn_down_as_dead(topo):
+    """Liveness checks are answered; after the router restarts (its DELETE lost; strongSwan
+    with unique=no sends no INITIAL_CONTACT, that path is covered in-memory), the old IKE SA
+    stops answering and is torn down with its Child SA, the new one stays."""
+    _, cust, start = topo
+    from dataclasses import replace
+
+    cfg = EngineConfig(retransmit_timeout=0.5, retransmit_tries=3)
+    e = start([replace(TUNNEL, dpd_interval=1)], config=cfg)
+    assert peer(cust, "--id-type", "fqdn", "--id", FQDN).returncode == 0
+    assert _wait(lambda: e.engine.stats["liveness_sent"] >= 2, 10)
+    assert len(e.call(lambda: e.engine.established_sas())) == 1
+    assert e.engine.stats["ike_destroyed_peer_dead"] == 0
+    (first,) = e.installer.sas.values()
+    e.pause()
+    peer_cmd(cust, "down", "--no-delete")
+    e.resume()
+    assert peer(cust, "--id-type", "fqdn", "--id", FQDN).returncode == 0
+    assert e.installer.wait_for(lambda sas: len(sas) == 1 and first.spi_in not in sas, 15)
+    assert e.engine.stats["ike_destroyed_peer_dead"] == 1
+    assert len(e.call(lambda: e.engine.established_sas())) == 1
+
+
+def test_cookies_under_spoofed_flood_peer_still_gets_in(topo):
+    import os
+
+    from pipeline.ike.constants import DhGroup, Encr, ExchangeType, Flag, Prf
+    from pipeline.ike.crypto import dh_generate
+    from pipeline.ike.message import Message
+    from pipeline.ike.payloads import KePayload, NoncePayload, SaPayload
+    from pipeline.ike.proposal import ike_proposal
+
+    _, cust, start = topo
+    e = start(config=EngineConfig(half_open_cookie_threshold=8))
+    ke = dh_generate(DhGroup.ECP_384).public
+    prop = ike_proposal(Encr.AES_GCM_16, 256, 0, Prf.HMAC_SHA2_256, DhGroup.ECP_384)
+
+    def flood():
+        for n in range(50):  # spoofed sources, injected at the core (nothing leaves the lab)
+            m = Message(os.urandom(8), bytes(8), ExchangeType.IKE_SA_INIT, Flag.INITIATOR, 0,
+                        [SaPayload([prop]), KePayload(DhGroup.ECP_384, ke),
+                         NoncePayload(os.urandom(32))])
+            e.engine.handle(m.serialize(), (EDGE, 500), (f"198.18.{n // 200}.{n % 200}", 500),
+                            e.server.clock())
+        return e.engine.half_open()
+
+    assert e.call(flood) == 8
+    assert e.engine.stats["cookie_sent"] == 42
+    proc = peer(cust, "--id-type", "fqdn", "--id", FQDN)
+    assert proc.returncode == 0, proc.stderr
+    assert "N(COOKIE)" in proc.stderr or e.engine.stats["cookie_accepted"] == 1
+    assert e.engine.stats["cookie_accepted"] == 1 and len(e.installer.sas) == 1
