@@ -455,3 +455,39 @@ def test_no_secret_in_logs_or_repr(caplog):
     for s in secrets:
         assert s.hex() not in text and repr(s) not in text and s.decode("latin-1") not in text
     assert "SA installed" in caplog.text
+
+
+def test_nat_rebinding_moves_installed_sas_to_the_new_port():
+    p = Pair(nat="203.0.113.7")
+    p.start(profile())
+    before = p.only_sa(p.ri)
+    (i_sa,) = p.init.established_sas()
+    p._nat_ports[("10.0.0.2", 4500)] = 40001  # the NAT forgets the mapping and picks a new port
+    p.deliver_from_i(p.init.start(i_sa, InformationalTask(), p.now))
+    after = p.only_sa(p.ri)
+    assert before.encap_remote_port != 40001
+    assert (after.spi_in, after.encap_remote_port, after.remote_addr) == (before.spi_in, 40001,
+                                                                        "203.0.113.7")
+    assert p.ri.events[-1] == ("replace", before.spi_in)
+
+
+def test_edge_rekeys_ike_sa_at_its_lifetime():
+    p = Pair()
+    p.start(profile())
+    (r_old,) = p.resp.established_sas()
+    child = p.only_sa(p.ri)
+    for sa in (*p.resp.sas.values(), *p.init.sas.values()):
+        for c in sa.children.values():  # keep the Child SAs out of the way
+            c.rekey_at = c.expire_at = 10 * TUNNEL.ike_lifetime
+    p.tick(0.91 * TUNNEL.ike_lifetime)
+    (r_new,) = p.resp.established_sas()
+    (i_new,) = p.init.established_sas()
+    # the edge started the rekey, so it is the initiator of the new IKE SA (RFC 7296 2.18)
+    assert r_new is not r_old and r_new.initiator and not i_new.initiator
+    assert (r_new.spi_i, r_new.spi_r) == (i_new.spi_i, i_new.spi_r)
+    assert p.resp.stats["ike_rekeyed"] == 1 and r_old.state == IkeState.DEAD
+    assert list(r_new.children) == [child.spi_in] and p.only_sa(p.ri) == child
+    # and the new SA carries exchanges both ways
+    p.deliver_from_i(p.init.start(i_new, InformationalTask(), p.now))
+    p.deliver_from_r(p.resp.start(r_new, InformationalTask(), p.now))
+    assert r_new.expected_peer_id == 1 and i_new.expected_peer_id == 1

@@ -357,6 +357,10 @@ class IkeEngine:
             # RFC 7296 section 2.23: follow the peer's NAT mapping on authenticated requests.
             sa.local, sa.remote = local, remote
             self.stats["peer_address_updated"] += 1
+            for child in sa.children.values():
+                if not child.rekeyed:
+                    # ESP follows the peer's current address and port (issue 6, RFC 3948).
+                    self.installer.replace(child.spi_in, child.params(sa))
         task: Task | None = None
         try:
             if syntax_error is not None:
