@@ -337,6 +337,11 @@ def _compile(src: Path, cflags: Iterable[str] = ()):
         raise LoadGenError(f"compiling {src.name} failed: {exc}") from exc
 
 
+def compile_sink():
+    """bpf/sink.c compiled once, for several :class:`Sink` objects (``Sink(..., bpf=...)``)."""
+    return _compile(SINK_SRC)
+
+
 def _percpu_sum(table, fields: Sequence[str]) -> dict[str, int]:
     leaf = table[table.Key(0)]
     return {f: sum(getattr(v, f) for v in leaf) for f in fields}
@@ -358,9 +363,11 @@ class Sink:
     'native' or 'generic'). Generic mode on a veth fed by XDP frames needs GRO on that veth (see
     the module docstring): ``gro=True`` turns it on."""
 
-    def __init__(self, ns, ifname: str, mode: str = "native", *, gro: bool | None = None):
+    def __init__(self, ns, ifname: str, mode: str = "native", *, gro: bool | None = None,
+                 bpf=None):
         self.ns, self.ifname, self.mode = ns, ifname, mode
-        self._bpf = _compile(SINK_SRC)
+        self._owned = bpf is None  # a program from compile_sink() is the caller's to clean up
+        self._bpf = compile_sink() if bpf is None else bpf
         self._attached = False
         try:
             if gro is not None:
@@ -368,20 +375,27 @@ class Sink:
             attach(self._bpf, "xdp_sink", ns, ifname, mode)
             self._attached = True
         except BaseException:
-            self._bpf.cleanup()
+            if self._owned:
+                self._bpf.cleanup()
             raise
         self._table = self._bpf[b"sink_counters"]
+        self._base = self._raw()
 
-    def count(self) -> SinkCount:
+    def _raw(self) -> SinkCount:
         c = _percpu_sum(self._table, ("packets", "bytes"))
         return SinkCount(c["packets"], c["bytes"])
+
+    def count(self) -> SinkCount:
+        """Packets and bytes counted since this Sink was attached."""
+        return self._raw() - self._base
 
     def close(self) -> None:
         if self._attached:
             self._attached = False
             with contextlib.suppress(LoadGenError):  # the namespace may already be gone
                 detach(self.ns, self.ifname, self.mode)
-        self._bpf.cleanup()
+        if self._owned:
+            self._bpf.cleanup()
 
     def __enter__(self) -> Self:
         return self
