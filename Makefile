@@ -15,6 +15,7 @@ demo: setup
 
 bench: setup
 	$(PYTEST) bench -q --benchmark-enable --benchmark-only -p no:cacheprovider
+	$(PY) -m bench.rates --generic
 
 lint: setup
 	.venv/bin/ruff check pipeline tests bench
