@@ -151,8 +151,9 @@ class GreTunnel:
 class IkeIdentities:
     """The IKE identities (IDi) a customer router may send for this tunnel.
 
-    The same three forms hosted transit services hand out: FQDN ``<id>.<account_id>.<domain>``,
-    USER_FQDN ``ipsec@<fqdn>`` and KEY_ID ``<account_id>_<id>`` (RFC 7296 section 3.5 ID types).
+    The same three forms hosted transit services hand out: FQDN
+    ``<id>.<account_id>.ipsec.<node.ipsec_domain>``, USER_FQDN ``ipsec@<fqdn>`` and KEY_ID
+    ``<account_id>_<id>`` (RFC 7296 section 3.5 ID types).
     """
     fqdn: str
     user_fqdn: str
@@ -665,7 +666,8 @@ def _read_ipsec(t: _Table, name: str) -> dict[str, Any] | None:
 
 
 def _identities(domain: str, tunnel_id: str, account_id: str) -> IkeIdentities:
-    fqdn = f"{tunnel_id}.{account_id}.{domain}"
+    # Issue 6 scheme: <tunnel_id>.<account_id>.ipsec.<domain>; DNS names compare case-blind.
+    fqdn = f"{tunnel_id}.{account_id}.ipsec.{domain}".lower()
     return IkeIdentities(fqdn, f"ipsec@{fqdn}", f"{account_id}_{tunnel_id}".encode())
 
 
@@ -767,6 +769,7 @@ def _check_tunnels(ctx: _Ctx, node: Node | None,
                    tunnels: list[tuple[str, str, dict[str, Any]]]) -> None:
     endpoints = set(node.tunnel_endpoints) if node else None
     ids: dict[str, str] = {}
+    ike_ids: dict[tuple[str, str], str] = {}
     gre_keys: dict[tuple, str] = {}
     nets: list[tuple[IPv4Network, str]] = []
     customers = [(f["customer_endpoint"], path) for _, path, f in tunnels
@@ -787,6 +790,13 @@ def _check_tunnels(ctx: _Ctx, node: Node | None,
             bad(f, path, "id", f"id {f['id']!r} already used by {ids[f['id']]}")
         else:
             ids[f["id"]] = path
+            if kind == "ipsec":
+                ike = (f["id"].lower(), f["account_id"].lower())
+                if ike in ike_ids:
+                    bad(f, path, "id", f"same IKE identity as {ike_ids[ike]} (DNS names ignore "
+                                       "case): a peer could not be told apart")
+                else:
+                    ike_ids[ike] = path
         if kind == "gre":
             k = (f["edge_endpoint"], c, f["key"])
             if k in gre_keys:

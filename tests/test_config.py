@@ -61,7 +61,7 @@ def dump(d: dict, prefix: str = "") -> str:
 
 BASE = {
     "node": {
-        "id": 3, "name": "edge-test", "ipsec_domain": "ipsec.example.net",
+        "id": 3, "name": "edge-test", "ipsec_domain": "example.net",
         "tunnel_endpoints": ["192.0.2.1", "192.0.2.2"],
         "interfaces": [{"name": "eth0", "role": "internet"},
                        {"name": "eth1", "role": "customer", "xdp_mode": "generic"}],
@@ -117,7 +117,7 @@ def only_error(path: Path, env=None) -> tuple[str | None, str]:
 def test_edge_example_loads_exact_values():
     cfg = C.load(EXAMPLES / "edge.toml", env={})
     n = cfg.node
-    assert (n.id, n.name, n.ipsec_domain) == (1, "edge-ams-1", "ipsec.example.net")
+    assert (n.id, n.name, n.ipsec_domain) == (1, "edge-ams-1", "example.net")
     assert n.tunnel_endpoints == (IPv4Address("192.0.2.1"), IPv4Address("192.0.2.2"))
     assert n.interfaces == (C.Interface("eth0", "internet", "native"),
                             C.Interface("eth1", "customer", "generic"))
@@ -410,6 +410,11 @@ CASES = [
      "(tunnels.ipsec.site-b.customer_endpoint)")),
     (_set(G + "customer_endpoint", "192.0.2.2"), GF + "customer_endpoint",
      "192.0.2.2 is one of this node's tunnel_endpoints"),
+    (lambda d: d["tunnels"]["ipsec"].__setitem__("site-d", dict(
+        d["tunnels"]["ipsec"]["site-b"], id="F5407D8DB1A542B196C59F6D04BA8BD1",
+        interface_address="10.200.0.10/31")), "tunnels.ipsec.site-d.id",
+     ("same IKE identity as tunnels.ipsec.site-b (DNS names ignore case): a peer could not be "
+     "told apart")),
     (_set("tunnels/ipsec/site-a", {}), "tunnels.ipsec.site-a",
      "tunnel name also used by tunnels.gre.site-a; routes could not tell them apart"),
     # routes

@@ -53,7 +53,7 @@ def summary(cfg: Config) -> list[str]:
         f"node        {n.name} (id {n.id})",
         f"endpoints   {', '.join(str(a) for a in n.tunnel_endpoints)}",
         f"interfaces  {', '.join(f'{i.name} ({i.role}, xdp {i.xdp_mode})' for i in n.interfaces)}",
-        f"ipsec       identities *.{n.ipsec_domain}",
+        f"ipsec       identities <tunnel id>.<account id>.ipsec.{n.ipsec_domain}",
         "",
     ]
     tunnels = cfg.tunnels
