@@ -1,0 +1,200 @@
+"""Child SAs from the shared store into this node's data path.
+
+``SaSync`` keeps an :class:`~pipeline.sa.SaInstaller` equal to the Child SA records in the
+store. It starts (or restarts, or joins late) by listing every SA record at one revision R and
+reconciling the installer with it, then watches from R + 1 and applies each event:
+
+- a put of a new SPI installs it; a put carrying ``replaces`` (a rekey) whose old SPI is
+  installed becomes one ``replace(old, new)``; a put of an installed SPI with changed
+  parameters replaces it in place; a put of an SA equal to the installed one (a write retried
+  across an etcd leader change, a node re-announcing) does nothing;
+- a delete removes the SPI (a no-op if a rekey already retired it);
+- a :class:`~pipeline.store.Resync` (the watch fell behind a compaction) is reconciled like the
+  initial list: extra SPIs deleted, missing ones installed, changed ones replaced.
+
+A record that does not decode (damaged, another fleet key, a newer format) or an installer
+that raises is counted under a named reason in ``drops`` and logged with the store key only;
+the sync carries on.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+from dataclasses import dataclass
+
+from .sa import ChildSaParams, SaInstaller
+from .store import DELETE, Event, Record, Resync, StoreError, WatchClosed
+from .store.schema import SchemaError, SharedState
+
+log = logging.getLogger(__name__)
+
+DROP_UNDECODABLE = "undecodable"      # the record does not decode (SchemaError)
+DROP_BAD_KEY = "bad_key"              # not a Child SA key, or its SPI differs from the record's
+DROP_INSTALL_FAILED = "install_failed"  # the installer raised
+
+
+@dataclass
+class _Installed:
+    key: str
+    value: bytes
+    sa: ChildSaParams
+
+
+class SaSync:
+    """``SaSync(shared_state, installer)``; ``start()`` runs it in a thread, or drive it with
+    ``rebuild()`` and ``step()``."""
+
+    def __init__(self, state: SharedState, installer: SaInstaller, *, name: str = "sa-sync"):
+        self.state = state
+        self.installer = installer
+        self.name = name
+        self.prefix = state.layout.sas
+        self.revision = 0                   # last store revision applied
+        self.installed: dict[int, _Installed] = {}
+        self._spi_of_key: dict[str, int] = {}
+        self.drops: Counter[str] = Counter()
+        self.applied = 0                    # installer calls made
+        self._watch = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self.error: BaseException | None = None
+
+    # --- one record ---------------------------------------------------------------------
+    def _decode(self, rec_key: str, value: bytes):
+        try:
+            tunnel, spi = self.state.layout.parse_sa(rec_key)
+            r = self.state.decode_child_sa(Record(rec_key, value, 0, 0, 0))
+        except SchemaError as e:
+            reason = DROP_BAD_KEY if "not a Child SA key" in str(e) else DROP_UNDECODABLE
+            self._drop(reason, rec_key, str(e))
+            return None
+        if r.sa.spi_in != spi or r.sa.tunnel_name != tunnel:
+            self._drop(DROP_BAD_KEY, rec_key, "record's tunnel/SPI differ from its key")
+            return None
+        return r
+
+    def _drop(self, reason: str, key: str, why: str) -> None:
+        self.drops[reason] += 1
+        log.warning("%s: skipped %s (%s): %s", self.name, key, reason, why)
+
+    def _call(self, what: str, key: str, fn, *args) -> bool:
+        try:
+            fn(*args)
+        except Exception as e:  # noqa: BLE001 - any installer failure is counted, not fatal
+            self._drop(DROP_INSTALL_FAILED, key, f"{what}: {type(e).__name__}: {e}")
+            return False
+        self.applied += 1
+        return True
+
+    def _put(self, key: str, value: bytes) -> None:
+        spi_now = self._spi_of_key.get(key)
+        if spi_now is not None and self.installed[spi_now].value == value:
+            return                                              # a repeated write
+        r = self._decode(key, value)
+        if r is None:
+            return
+        sa = r.sa
+        if spi_now is not None:
+            if self.installed[spi_now].sa == sa:               # rewritten, unchanged
+                self.installed[spi_now].value = value
+                return
+            if self._call("replace", key, self.installer.replace, spi_now, sa):
+                self.installed[sa.spi_in] = _Installed(key, value, sa)
+            return
+        old = self.installed.get(r.replaces) if r.replaces is not None else None
+        if old is not None and r.replaces != sa.spi_in:
+            if self._call("replace", key, self.installer.replace, r.replaces, sa):
+                del self.installed[r.replaces]
+                del self._spi_of_key[old.key]
+                self.installed[sa.spi_in] = _Installed(key, value, sa)
+                self._spi_of_key[key] = sa.spi_in
+            return
+        if self._call("install", key, self.installer.install, sa):
+            self.installed[sa.spi_in] = _Installed(key, value, sa)
+            self._spi_of_key[key] = sa.spi_in
+
+    def _delete(self, key: str) -> None:
+        spi = self._spi_of_key.get(key)
+        if spi is None:
+            return                        # never installed, or already retired by a rekey
+        if self._call("delete", key, self.installer.delete, spi):
+            del self._spi_of_key[key]
+            del self.installed[spi]
+
+    def _reconcile(self, records, revision: int) -> None:
+        want = {r.key: r.value for r in records}
+        gone = [k for k in self._spi_of_key if k not in want]
+        # Puts first: a rekeyed SA whose old record is gone becomes one replace(), with no
+        # moment where neither SPI is installed.
+        for key, value in want.items():
+            self._put(key, value)
+        for key in gone:
+            self._delete(key)
+        self.revision = revision
+
+    # --- driving ------------------------------------------------------------------------
+    def rebuild(self) -> int:
+        """List every SA record at one revision R, reconcile the installer with it, and open
+        the watch from R + 1. Returns R."""
+        listing = self.state.store.list(self.prefix)
+        self._reconcile(listing.records, listing.revision)
+        if self._watch is not None:
+            self._watch.close()
+        self._watch = self.state.store.watch(self.prefix, listing.revision + 1)
+        log.info("%s: %d SAs installed from the store at revision %d", self.name,
+                 len(self.installed), listing.revision)
+        return listing.revision
+
+    def apply(self, item: Event | Resync) -> None:
+        if isinstance(item, Resync):
+            log.info("%s: store history compacted under the watch: reconciling at revision %d",
+                     self.name, item.revision)
+            self._reconcile(item.records, item.revision)
+            return
+        if item.kind == DELETE:
+            self._delete(item.key)
+        else:
+            self._put(item.key, item.value)
+        self.revision = item.revision
+
+    def step(self, timeout: float) -> int:
+        """Apply the next batch of changes (waiting up to ``timeout``); returns its size."""
+        if self._watch is None:
+            self.rebuild()
+        batch = self._watch.get(timeout)
+        for item in batch:
+            self.apply(item)
+        return len(batch)
+
+    def _run(self) -> None:
+        try:
+            self.rebuild()
+            self._ready.set()
+            while not self._stop.is_set():
+                self.step(0.5)
+        except WatchClosed:
+            pass
+        except StoreError as e:
+            self.error = e
+            log.error("%s stopped: %s", self.name, e)
+        finally:
+            self._ready.set()
+
+    def start(self, timeout: float = 30.0) -> SaSync:
+        """Rebuild and follow the store in a thread; returns once the rebuild is done."""
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self._thread.start()
+        self._ready.wait(timeout)
+        if self.error is not None:
+            raise self.error
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._watch is not None:
+            self._watch.close()
+        if self._thread is not None:
+            self._thread.join(10)
+            self._thread = None

@@ -1,0 +1,208 @@
+"""SaSync: Child SAs written by one node reach the installers of the others, through SQLite and
+through a 3-member etcd cluster; a restarted node rebuilds from the store and resumes."""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from etcd_cluster import EtcdCluster
+from test_store_schema import child_sa
+
+from pipeline.sa import RecordingSaInstaller
+from pipeline.store.crypto import FleetKey
+from pipeline.store.schema import Layout, SharedState
+from pipeline.store.sqlite import SqliteStore
+from pipeline.sync import DROP_BAD_KEY, DROP_INSTALL_FAILED, DROP_UNDECODABLE, SaSync
+
+FLEET = FleetKey(b"sync-test-fleet-key-0123456789abcdef-xyz")
+_roots = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def etcd_cluster(tmp_path_factory):
+    with EtcdCluster(tmp_path_factory.mktemp("etcd")) as cluster:
+        yield cluster
+
+
+@pytest.fixture(params=["sqlite", "etcd"])
+def open_store(request, tmp_path):
+    """Opens a new handle on one shared store per call (each "node" has its own)."""
+    handles = []
+    if request.param == "sqlite":
+        def opener():
+            handles.append(SqliteStore(tmp_path / "state.db"))
+            return handles[-1]
+    else:
+        cluster = request.getfixturevalue("etcd_cluster")
+
+        def opener():
+            handles.append(cluster.client())
+            return handles[-1]
+    yield opener
+    for h in handles:
+        h.close()
+
+
+@pytest.fixture
+def layout():
+    return Layout(f"/sync{next(_roots)}/")
+
+
+def node(open_store, layout, node_id):
+    return SharedState(open_store(), FLEET, layout, node=node_id)
+
+
+def same(sas: dict, expected: list) -> bool:
+    return sas == {sa.spi_in: sa for sa in expected}
+
+
+def test_sas_propagate_install_rekey_delete(open_store, layout):
+    a = node(open_store, layout, 1)
+    b_inst, c_inst = RecordingSaInstaller(), RecordingSaInstaller()
+    b = SaSync(node(open_store, layout, 2), b_inst, name="b").start()
+    c = SaSync(node(open_store, layout, 3), c_inst, name="c").start()
+    s1, s2, s3 = child_sa(1), child_sa(2, tunnel="other"), child_sa(3)
+    a.put_child_sa(s1)
+    a.put_child_sa(s2)
+    a.rekey_child_sa(s1.spi_in, s3)               # new record replaces s1, then s1 deleted
+    a.put_child_sa(s2)                            # the same write again (a retried put)
+    a.delete_child_sa("other", s2.spi_in)
+    for inst in (b_inst, c_inst):
+        assert inst.wait_for(lambda sas, i=inst: same(sas, [s3]) and len(i.events) == 4, 20)
+        assert inst.events == [("install", s1.spi_in), ("install", s2.spi_in),
+                               ("replace", s3.spi_in), ("delete", s2.spi_in)]
+        assert inst.sas[s3.spi_in].enc_key_in == s3.enc_key_in
+    assert (b.drops, c.drops) == ({}, {})
+    b.stop()
+    c.stop()
+
+
+def test_restarted_node_rebuilds_then_follows(open_store, layout):
+    a = node(open_store, layout, 1)
+    sas = [child_sa(i) for i in range(10)]
+    for sa in sas[:6]:
+        a.put_child_sa(sa)
+    first = RecordingSaInstaller()
+    b = SaSync(node(open_store, layout, 2), first, name="b").start()
+    assert first.wait_for(lambda s: same(s, sas[:6]), 20)
+    b.stop()
+    # While node B is down: one SA deleted, one rekeyed, two new.
+    a.delete_child_sa("site-c", sas[0].spi_in)
+    a.rekey_child_sa(sas[1].spi_in, sas[6])
+    a.put_child_sa(sas[7])
+    a.put_child_sa(sas[8])
+    # B restarts with an empty data path: it installs exactly what the store holds...
+    again = RecordingSaInstaller()
+    b2 = SaSync(node(open_store, layout, 2), again, name="b2").start()
+    expect = sas[2:9]
+    assert same(again.sas, expect)
+    assert sorted(again.events) == sorted(("install", sa.spi_in) for sa in expect)
+    # ...and follows from the listing's revision + 1.
+    a.put_child_sa(sas[9])
+    a.delete_child_sa("site-c", sas[2].spi_in)
+    assert again.wait_for(lambda s: same(s, sas[3:10]), 20)
+    assert again.events[-2:] == [("install", sas[9].spi_in), ("delete", sas[2].spi_in)]
+    b2.stop()
+
+
+def test_changed_sa_replaced_in_place_and_bad_records_counted(open_store, layout):
+    a = node(open_store, layout, 1)
+    inst = RecordingSaInstaller()
+    b = SaSync(node(open_store, layout, 2), inst, name="b").start()
+    s1 = child_sa(1)
+    a.put_child_sa(s1)
+    moved = dataclasses.replace(s1, encap_remote_port=40000)   # NAT mapping changed
+    a.put_child_sa(moved)
+    store = a.store
+    store.put(layout.sa("site-c", 0xC0000099), b"not json")
+    # A valid record filed under the wrong SPI is refused, not installed under either.
+    wrong = json.loads(store.get(layout.sa("site-c", s1.spi_in)).value)
+    store.put(layout.sa("site-c", 0xC0000098), json.dumps(wrong).encode())
+    store.put(layout.sas + "junk", b"{}")
+    s2 = child_sa(2)
+    a.put_child_sa(s2)
+    assert inst.wait_for(lambda s: same(s, [moved, s2]), 20)
+    assert inst.events == [("install", s1.spi_in), ("replace", s1.spi_in),
+                           ("install", s2.spi_in)]
+    assert b.drops == {DROP_UNDECODABLE: 2, DROP_BAD_KEY: 1}
+    b.stop()
+
+
+class FlakyInstaller(RecordingSaInstaller):
+    def install(self, sa):
+        if sa.spi_in % 2:
+            raise OSError("SA table full")
+        super().install(sa)
+
+
+def test_installer_failure_counted_not_fatal(tmp_path):
+    with SqliteStore(tmp_path / "s.db") as s:
+        a = SharedState(s, FLEET)
+        for i in range(1, 7):
+            a.put_child_sa(child_sa(i))
+        inst = FlakyInstaller()
+        sync = SaSync(SharedState(SqliteStore(tmp_path / "s.db"), FLEET), inst)
+        sync.rebuild()
+        assert sorted(inst.sas) == [0xC0000002, 0xC0000004, 0xC0000006]
+        assert sync.drops == {DROP_INSTALL_FAILED: 3}
+        sync.state.store.close()
+
+
+def test_resync_after_compaction_reconciles(tmp_path):
+    """A node that fell behind a compaction reconciles with the whole prefix: extra SAs go,
+    missing ones come, a rekey becomes one replace."""
+    path = tmp_path / "s.db"
+    with SqliteStore(path) as s:
+        a = SharedState(s, FLEET)
+        sas = [child_sa(i) for i in range(6)]
+        for sa in sas[:4]:
+            a.put_child_sa(sa)
+        inst = RecordingSaInstaller()
+        b = SaSync(SharedState(SqliteStore(path), FLEET), inst)
+        b.rebuild()
+        assert same(inst.sas, sas[:4])
+        a.delete_child_sa("site-c", sas[0].spi_in)
+        a.rekey_child_sa(sas[1].spi_in, sas[4])
+        a.put_child_sa(sas[5])
+        s.compact(s.revision())
+        assert b.step(5.0) == 1                      # one Resync item
+        assert same(inst.sas, sas[2:6])
+        assert inst.events[4:] == [("replace", sas[4].spi_in), ("install", sas[5].spi_in),
+                                   ("delete", sas[0].spi_in)]
+        assert b.revision == s.revision()
+        b.state.store.close()
+
+
+def test_two_processes_share_sqlite(tmp_path):
+    """Node A is another process writing the SQLite file; node B here installs what it writes."""
+    path = tmp_path / "s.db"
+    SqliteStore(path).close()
+    inst = RecordingSaInstaller()
+    b = SaSync(SharedState(SqliteStore(path), FLEET), inst).start()
+    tests = os.path.dirname(os.path.abspath(__file__))
+    code = textwrap.dedent(f"""
+        import sys
+        sys.path[:0] = [{tests!r}, {os.path.dirname(tests)!r}]
+        from test_store_schema import child_sa
+        from pipeline.store.crypto import FleetKey
+        from pipeline.store.schema import SharedState
+        from pipeline.store.sqlite import SqliteStore
+        a = SharedState(SqliteStore({str(path)!r}), FleetKey({FLEET_RAW!r}), node=1)
+        for i in range(50):
+            a.put_child_sa(child_sa(i))
+        a.delete_child_sa("site-c", 0xC0000000)
+        """)
+    assert subprocess.run([sys.executable, "-c", code], check=False, timeout=60).returncode == 0
+    assert inst.wait_for(lambda s: sorted(s) == [0xC0000000 + i for i in range(1, 50)], 20)
+    assert len(inst.events) == 51
+    b.stop()
+    b.state.store.close()
+
+
+FLEET_RAW = b"sync-test-fleet-key-0123456789abcdef-xyz"
