@@ -363,6 +363,12 @@ class EspWorker:
         """Encrypt batch.count frames in place (tunnel ids select the SAs)."""
         return int(lib.xt_esp_encrypt_batch(self._handle(), batch._checked(), batch.count))
 
+    @property
+    def handle(self) -> Any:
+        """The ``struct xt_esp_worker *`` for C callers (the AF_XDP loop calls the batch
+        functions with it directly); valid until close()."""
+        return self._handle()
+
     def close(self) -> None:
         self._release()
         self._ctx._forget(self)
