@@ -147,7 +147,14 @@ def test_workers_are_limited_and_reusable():
         a, b = ctx.worker(), ctx.worker()
         with pytest.raises(esp.EspError, match="no free worker slot"):
             ctx.worker()
+        batch = esp.PacketBatch(1)
+        batch.set(0, ipv4(b"x"))
+        # the handle is what the AF_XDP loop passes to the C batch functions directly
+        assert esp.lib.xt_esp_decrypt_batch(a.handle, batch.pkts, 1) == 0
+        assert batch.verdict(0) == "not_esp" and ctx.stats()["drops"]["not_esp"] == 1
         a.close()
+        with pytest.raises(esp.EspError, match="worker is closed"):
+            a.decrypt(batch)
         ctx.worker().close()
         b.close()
 
