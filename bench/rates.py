@@ -174,10 +174,22 @@ def to_dut(ip_packet: bytes, flows: int = FLOWS) -> lg.Frame:
 
 @dataclass
 class Case:
+    """One measurement: what the generator sends, what the DUT runs, and the length every frame
+    must have at the far end (``out_len``; None: the length sent). A frame of another length at
+    the sink means the path did something else than intended (a GRE frame the data plane
+    passed to the kernel, say): the measurement is refused rather than reported."""
+
     name: str
     kind: str  # "drop" | "kernel" | "xdp"
     frames: list[lg.Frame]
     plug: Plug | None = None
+    out_len: int | None = None
+
+    def expected_len(self) -> int | None:
+        if self.out_len is not None:
+            return self.out_len
+        lengths = {len(f.data) for f in self.frames}
+        return lengths.pop() if len(lengths) == 1 else None
 
 
 def drop_case(name: str, frames: Sequence[lg.Frame]) -> Case:
@@ -188,8 +200,9 @@ def kernel_case(name: str, frames: Sequence[lg.Frame]) -> Case:
     return Case(name, "kernel", list(frames))
 
 
-def xdp_case(name: str, frames: Sequence[lg.Frame], plug: Plug) -> Case:
-    return Case(name, "xdp", list(frames), plug)
+def xdp_case(name: str, frames: Sequence[lg.Frame], plug: Plug,
+             out_len: int | None = None) -> Case:
+    return Case(name, "xdp", list(frames), plug, out_len)
 
 
 @contextlib.contextmanager
@@ -276,6 +289,12 @@ class Bench:
                if k != f"{self.topo.sink_if}.peer_ifindex" and not k.endswith("peer_ifindex")}
         m = Measurement(case.name, res.seconds, res.packets, (c1 - c0).packets,
                         (c1 - c0).bytes, dut)
+        want = case.expected_len()
+        if want is not None and m.delivered_bytes != m.delivered * want:
+            raise BenchError(
+                f"{case.name}: the far end counted {m.delivered} frames of "
+                f"{m.delivered_bytes} bytes, not {want} bytes each: the path did not do what "
+                f"the case measures (DUT counters: {({k: v for k, v in dut.items() if v})})")
         self.results[case.name].append(m)
         return m
 

@@ -263,6 +263,12 @@ def test_harness_delivers_exactly_n_on_every_path(rates):
                             warmup=0, count=n)
         try:
             bench.run(1)
+            # a path that delivers frames of another length than the case expects is refused
+            wrong = rates.xdp_case("fwd_wrong_len", frames, rates.reference_forwarder,
+                                   out_len=size + 24)
+            bench.results[wrong.name] = []
+            with pytest.raises(rates.BenchError, match=f"not {size + 24} bytes each"):
+                bench.measure(wrong)
         finally:
             bench.close()
     for name in ("drop", "kernel", "fwd", "fwd_generic"):
