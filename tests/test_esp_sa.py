@@ -148,7 +148,7 @@ def test_workers_are_limited_and_reusable():
         with pytest.raises(esp.EspError, match="no free worker slot"):
             ctx.worker()
         batch = esp.PacketBatch(1)
-        batch.set(0, ipv4(b"x"))
+        batch.set(0, ipv4(b"x", proto=6))
         # the handle is what the AF_XDP loop passes to the C batch functions directly
         assert esp.lib.xt_esp_decrypt_batch(a.handle, batch.pkts, 1) == 0
         assert batch.verdict(0) == "not_esp" and ctx.stats()["drops"]["not_esp"] == 1
