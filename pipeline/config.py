@@ -9,8 +9,9 @@ The loader collects every error it can find before raising; when there is more t
 ``ConfigErrors`` (a ``ConfigError`` whose ``.errors`` lists them all). Unknown keys are errors, so a
 typo is never silently ignored.
 
-Pre-shared keys and the fleet key are read from a file or an environment variable and held in a
-``Secret``; they never appear in an error, a ``repr()`` or the ``config check`` output.
+Pre-shared keys are read from a file or an environment variable and held in a ``Secret``; the
+fleet key (etcd backend) is loaded by ``pipeline.store.crypto.FleetKey``. Neither ever appears in
+an error, a ``repr()`` or the ``config check`` output.
 
 Tunnel index: every tunnel has an ``index`` (1..65535, unique across GRE and IPsec) that the data
 plane uses as its counter and map slot. Tunnels without an explicit ``index`` get the lowest free
@@ -32,9 +33,12 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Network
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from .secret import Secret
+
+if TYPE_CHECKING:
+    from .store.crypto import FleetKey
 
 __all__ = [
     "Analytics", "Config", "ConfigError", "ConfigErrors", "EtcdState", "GreTunnel", "IkeIdentities",
@@ -55,7 +59,6 @@ CHILD_LIFETIME_MIN, CHILD_LIFETIME_MAX, CHILD_LIFETIME_DEFAULT = 30 * 60, 8 * 36
 DPD_INTERVAL_MAX, DPD_INTERVAL_DEFAULT = 3600, 30
 DPD_TIMEOUT_MAX, DPD_TIMEOUT_DEFAULT = 24 * 3600, 150
 PSK_MIN_BYTES = 16          # RFC 7296 section 2.15: a PSK must be as strong as the keys it protects
-FLEET_KEY_MIN_BYTES = 32
 ROUTE_PRIORITY_DEFAULT = 100
 SAMPLE_RATE_DEFAULT = 1000
 HTTP_PORT_DEFAULT = 9469
@@ -205,7 +208,7 @@ class SqliteState:
 class EtcdState:
     backend: ClassVar[str] = "etcd"
     endpoints: tuple[str, ...]
-    fleet_key: Secret
+    fleet_key: FleetKey             # pipeline.store.crypto: seals key material in the store
     fleet_key_file: Path
     ca_file: Path | None = None
     cert_file: Path | None = None
@@ -707,14 +710,43 @@ def _read_state(ctx: _Ctx, v: Any) -> SqliteState | EtcdState | None:
     if (files["cert_file"] is None) != (files["key_file"] is None) and t.ok:
         t.error("key_file" if files["key_file"] is None else "cert_file",
                 "cert_file and key_file go together (TLS client authentication)")
+    # The same rules as the etcd client (pipeline/store/etcd.py): TLS for all or for none.
+    if endpoints is not _BAD:
+        schemes = {urllib.parse.urlsplit(e).scheme for e in endpoints}
+        tls_set = any(files.values())
+        if schemes == {"http", "https"}:
+            t.error("endpoints", "mixes http:// and https:// endpoints: use TLS for all or none")
+        elif schemes == {"https"} and files["ca_file"] is None and t.ok:
+            t.error("ca_file", "missing: https:// endpoints need the CA that signed the servers' "
+                               "certificates")
+        elif schemes == {"http"} and tls_set:
+            which = next(k for k, v in files.items() if v is not None)
+            t.error(which, "set, but the endpoints are plain http://")
     prefix = t.get("prefix", _matching(r"/[^\s]*/", "a key prefix like '/xtransit/'"),
                    ETCD_PREFIX_DEFAULT)
-    fleet = _read_secret_file(t, "fleet_key_file", FLEET_KEY_MIN_BYTES)
+    fleet = _read_fleet_key(t)
     t.finish({k: "only valid with backend = \"sqlite\"" for k in sqlite_keys})
     if not t.ok or fleet is None:
         return None
     return EtcdState(endpoints, fleet[0], fleet[1], files["ca_file"], files["cert_file"],
                      files["key_file"], prefix)
+
+
+def _read_fleet_key(t: _Table) -> tuple[FleetKey, Path] | None:
+    """The fleet key through the store's own loader, so `config check` refuses exactly what the
+    running node would (missing, shorter than 32 bytes, readable by group or others, foreign
+    owner)."""
+    from .store.crypto import FleetKey, FleetKeyError
+
+    raw = t.get("fleet_key_file", _str)
+    if raw is _BAD:
+        return None
+    p = t.ctx.path(raw)
+    try:
+        return FleetKey.from_file(p), p
+    except FleetKeyError as e:
+        t.error("fleet_key_file", str(e))
+        return None
 
 
 def _read_analytics(ctx: _Ctx, v: Any) -> Analytics | None:

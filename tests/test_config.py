@@ -6,6 +6,7 @@ import copy
 import json
 import pickle
 import re
+import shutil
 import subprocess
 import traceback
 from ipaddress import IPv4Address, IPv4Interface, ip_network
@@ -17,6 +18,7 @@ from click.testing import CliRunner
 from pipeline import config as C
 from pipeline.cli import cli
 from pipeline.secret import Secret
+from pipeline.store.crypto import FleetKey
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
@@ -165,8 +167,17 @@ def test_minimal_example_defaults():
     assert cfg.analytics == C.Analytics(1000, IPv4Address("127.0.0.1"), 9469, 60, 7 * 86400)
 
 
-def test_fleet_example_env_psk_etcd_and_assigned_indexes():
-    cfg = C.load(EXAMPLES / "fleet.toml", env={"SITE_C_PSK": "  " + PSK + "\n"})
+@pytest.fixture
+def fleet_example(tmp_path) -> Path:
+    """examples/ copied, with the fleet key made owner-only (git cannot record mode 0600)."""
+    ex = tmp_path / "examples"
+    shutil.copytree(EXAMPLES, ex)
+    (ex / "keys" / "fleet.key").chmod(0o600)
+    return ex / "fleet.toml"
+
+
+def test_fleet_example_env_psk_etcd_and_assigned_indexes(fleet_example):
+    cfg = C.load(fleet_example, env={"SITE_C_PSK": "  " + PSK + "\n"})
     assert [(t.name, t.index, t.index_configured) for t in cfg.tunnels] == [
         ("branch-1", 1, False), ("branch-2", 2, False), ("site-c", 3, False)]
     b2 = cfg.tunnel("branch-2")
@@ -177,9 +188,21 @@ def test_fleet_example_env_psk_etcd_and_assigned_indexes():
     s = cfg.state
     assert isinstance(s, C.EtcdState)
     assert s.endpoints == ("http://127.0.0.1:2379",) and s.prefix == "/xtransit/"
-    assert s.fleet_key_file == EXAMPLES / "keys" / "fleet.key"
-    assert s.fleet_key.reveal() == b"example-fleet-key-do-not-use-in-production-0123456789"
+    assert s.fleet_key_file == fleet_example.parent / "keys" / "fleet.key"
+    material = b"example-fleet-key-do-not-use-in-production-0123456789"
+    assert s.fleet_key.key_id == FleetKey(Secret(material)).key_id
+    assert s.fleet_key.open(FleetKey(material).seal(b"x", "/k"), "/k") == b"x"
+    assert material.decode() not in repr(cfg)
     assert (s.ca_file, s.cert_file, s.key_file) == (None, None, None)
+
+
+def test_fleet_key_readable_by_others_is_refused_like_the_store_does(fleet_example):
+    key = fleet_example.parent / "keys" / "fleet.key"
+    key.chmod(0o644)
+    assert only_error(fleet_example, {"SITE_C_PSK": PSK}) == (
+        "state.fleet_key_file",
+        (f"fleet key file '{key}' has mode 0644: it must be readable by its owner only "
+        f"(chmod 600 '{key}')"))
 
 
 def test_generated_base_defaults(write):
@@ -457,12 +480,28 @@ CASES = [
     (_set("state", {"backend": "etcd", "endpoints": ["https://10.0.0.1:2379"],
                     "fleet_key_file": "fleet.key", "ca_file": "ca.pem"}),
      "state.ca_file", "file not found: '{dir}/ca.pem'"),
-    (_set("state", {"backend": "etcd", "endpoints": ["https://10.0.0.1:2379"],
-                    "fleet_key_file": "site-b.psk"}),
-     "state.fleet_key_file", "key in '{dir}/site-b.psk' is shorter than 32 bytes"),
-    (_set("state", {"backend": "etcd", "endpoints": ["https://10.0.0.1:2379"],
+    (_set("state", {"backend": "etcd", "endpoints": ["http://10.0.0.1:2379"],
+                    "fleet_key_file": "short.key"}),
+     "state.fleet_key_file", "fleet key in '{dir}/short.key' is shorter than 32 bytes"),
+    (_set("state", {"backend": "etcd", "endpoints": ["http://10.0.0.1:2379"],
+                    "fleet_key_file": "nope.key"}),
+     "state.fleet_key_file", "fleet key file not found: '{dir}/nope.key'"),
+    (_set("state", {"backend": "etcd", "endpoints": ["http://10.0.0.1:2379"],
                     "fleet_key_file": "fleet.key", "path": "x.db"}),
      "state.path", 'only valid with backend = "sqlite"'),
+    (_set("state", {"backend": "etcd", "endpoints": ["https://10.0.0.1:2379"],
+                    "fleet_key_file": "fleet.key"}),
+     "state.ca_file", ("missing: https:// endpoints need the CA that signed the servers' "
+                      "certificates")),
+    (_set("state", {"backend": "etcd", "fleet_key_file": "fleet.key",
+                    "endpoints": ["https://10.0.0.1:2379", "http://10.0.0.2:2379"]}),
+     "state.endpoints", "mixes http:// and https:// endpoints: use TLS for all or none"),
+    (_set("state", {"backend": "etcd", "endpoints": ["http://10.0.0.1:2379"],
+                    "fleet_key_file": "fleet.key", "ca_file": "site-b.psk"}),
+     "state.ca_file", "set, but the endpoints are plain http://"),
+    (_set("state", {"backend": "etcd", "endpoints": ["https://10.0.0.1:2379"],
+                    "fleet_key_file": "fleet.key", "ca_file": "site-b.psk",
+                    "cert_file": "site-b.psk", "key_file": "site-b.psk"}), None, None),
     (_set("analytics", {"sample_rate": 0}), "analytics.sample_rate",
      "must be between 1 and 1000000, got 0"),
     (_set("analytics", {"http_address": "localhost"}), "analytics.http_address",
@@ -475,7 +514,9 @@ CASES = [
 @pytest.mark.parametrize("mutate,field,message", CASES,
                          ids=[f"{i}-{c[1]}" for i, c in enumerate(CASES)])
 def test_rule(write, tmp_path, mutate, field, message):
-    (tmp_path / "fleet.key").write_text("k" * 40)
+    for name, data in (("fleet.key", "k" * 40), ("short.key", "k" * 31)):
+        (tmp_path / name).write_text(data)
+        (tmp_path / name).chmod(0o600)
     d = base()
     mutate(d)
     p = write(d)
@@ -638,8 +679,8 @@ def test_cli_check_good_file_prints_summary():
     assert EDGE_PSK.decode() not in r.output
 
 
-def test_cli_check_marks_assigned_indexes():
-    r = CliRunner().invoke(cli, ["config", "check", str(EXAMPLES / "fleet.toml")],
+def test_cli_check_marks_assigned_indexes(fleet_example):
+    r = CliRunner().invoke(cli, ["config", "check", str(fleet_example)],
                            env={"SITE_C_PSK": PSK})
     assert r.exit_code == 0, r.output
     assert "* index assigned automatically; set `index` to keep counters stable" in r.stdout
