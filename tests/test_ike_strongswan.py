@@ -87,10 +87,11 @@ def topo(lab):
         return e
 
     yield edge, cust, start
-    for e in started:
-        e.close()
+    # the peer first, while the edge still answers its DELETE (otherwise charon waits for it)
     subprocess.run([str(PEER_SH), "down", "--ns", cust.name], check=False, capture_output=True,
                    timeout=30)
+    for e in started:
+        e.close()
 
 
 def peer(cust, *args, timeout=60):
@@ -309,3 +310,72 @@ def test_cookies_under_spoofed_flood_peer_still_gets_in(topo):
     assert proc.returncode == 0, proc.stderr
     assert "N(COOKIE)" in proc.stderr or e.engine.stats["cookie_accepted"] == 1
     assert e.engine.stats["cookie_accepted"] == 1 and len(e.installer.sas) == 1
+
+
+NAT_INSIDE, NAT_OUTSIDE, CUST_PRIVATE = "192.168.77.1", "192.0.2.3", "192.168.77.2"
+
+
+@pytest.fixture
+def nat_topo(lab):
+    """customer (192.168.77.2) -> nftables masquerade namespace (192.0.2.3) -> edge (192.0.2.1)."""
+    edge = lab.namespace("edge")
+    nat = lab.namespace("nat")
+    cust = lab.namespace("sw")
+    lab.veth(nat, "n1", edge, "e0", f"{NAT_OUTSIDE}/24", f"{EDGE}/24",
+             mac_a="02:00:00:00:0a:02", mac_b="02:00:00:00:0e:01")
+    lab.veth(cust, "c0", nat, "n0", f"{CUST_PRIVATE}/24", f"{NAT_INSIDE}/24",
+             mac_a="02:00:00:00:0c:01", mac_b="02:00:00:00:0a:01")
+    edge.add_neighbour("e0", NAT_OUTSIDE, "02:00:00:00:0a:02")
+    nat.add_neighbour("n1", EDGE, "02:00:00:00:0e:01")
+    nat.add_neighbour("n0", CUST_PRIVATE, "02:00:00:00:0c:01")
+    cust.add_neighbour("c0", NAT_INSIDE, "02:00:00:00:0a:01")
+    cust.add_route("0.0.0.0/0", gateway=NAT_INSIDE)
+    nat.sysctl("net.ipv4.ip_forward", 1)
+    nat.run("nft", "-f", "-", input=(
+        "table ip xtnat {\n"
+        " chain post { type nat hook postrouting priority 100; oifname \"n1\" masquerade random; }\n"
+        "}\n"))
+    started = []
+
+    def start(tunnels=(replace_customer(TUNNEL, None),), config=None):
+        e = Edge(edge, list(tunnels), config)
+        started.append(e)
+        return e
+
+    yield nat, cust, start
+    subprocess.run([str(PEER_SH), "down", "--ns", cust.name], check=False, capture_output=True,
+                   timeout=30)
+    for e in started:
+        e.close()
+
+
+def replace_customer(t, endpoint):
+    from dataclasses import replace
+
+    return replace(t, customer_endpoint=endpoint)
+
+
+@pytest.mark.parametrize("natt", ["auto", "4500"])
+def test_real_nat_in_between(nat_topo, natt):
+    nat, cust, start = nat_topo
+    e = start()
+    proc = subprocess.run(
+        [str(PEER_SH), "up", "--ns", cust.name, "--local", f"{CUST_PRIVATE}/24", "--remote", EDGE,
+         "--psk", PSK.decode(), "--id-type", "keyid", "--id", TUNNEL.key_id().decode(),
+         "--natt", natt, "--timeout", "10", "--retries", "2"],
+        check=False, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    (sa,) = e.installer.sas.values()
+    (ike,) = e.call(lambda: e.engine.established_sas())
+    assert ike.nat_remote and not ike.nat_local  # a real NAT, detected by its hash mismatch
+    assert sa.remote_addr == NAT_OUTSIDE and sa.encap_local_port == 4500
+    assert sa.encap_remote_port == ike.remote[1]
+    # the mapped port is the one the NAT's conntrack table shows for the flow to our 4500
+    import re
+
+    ct = nat.run("cat", "/proc/net/nf_conntrack").stdout
+    mapped = {int(m) for m in re.findall(
+        rf"src={EDGE} dst={NAT_OUTSIDE} sport=4500 dport=(\d+)", ct)}
+    assert sa.encap_remote_port in mapped, ct
+    log_text = Path(f"/tmp/swan-peer/{cust.name}/charon.log").read_text()
+    assert "local host is behind NAT" in log_text
