@@ -18,6 +18,8 @@ REPO = Path(__file__).resolve().parent.parent
 XTRANSIT = REPO / ".venv" / "bin" / "xtransit"
 RELEASE = os.uname().release
 SYSTEM_BUILD = Path("/lib/modules") / RELEASE / "build"
+PEER_SH = REPO.parent / "shared" / "peers" / "strongswan" / "peer.sh"
+STATUSES = ("PASS", "FAIL", "WARN")
 ALL = ["privileges", "bpf syscall", "bpf jit", "kernel headers", "xdp native", "xdp generic",
        "af_xdp socket", "libcrypto aes-gcm", "strongswan peer"]
 
@@ -39,14 +41,17 @@ def test_all_checks_pass_here_real_process():
                           check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()
-    rows = [(ln[:4], ln[6:6 + 17].rstrip(), ln[6 + 19:]) for ln in lines[:9]]
-    assert [(st, nm) for st, nm, _ in rows] == [("PASS", n) for n in ALL]
+    rows = [(ln[:4], ln[6:6 + 17].rstrip(), ln[6 + 19:]) for ln in lines if ln[:4] in STATUSES]
+    # The strongSwan peer lives outside the repository (../shared): without it, a WARN.
+    peer = "PASS" if PEER_SH.is_file() else "WARN"
+    assert [(st, nm) for st, nm, _ in rows] == [("PASS", n) for n in ALL[:-1]] + [(peer, ALL[-1])]
     details = {nm: det for _, nm, det in rows}
     for mode in ("native", "generic"):
         assert details[f"xdp {mode}"].endswith("counted 1 frame, detached and removed")
     assert details["kernel headers"].startswith(
         f"bcc compiled and loaded an XDP program against {SYSTEM_BUILD} -> ")
-    assert lines[-1] == "9 checks: 9 passed, 0 failed, 0 warnings"
+    warned = peer == "WARN"
+    assert lines[-1] == f"9 checks: {9 - warned} passed, 0 failed, {int(warned)} warnings"
     assert _doctor_namespaces() == []
 
 
