@@ -89,6 +89,11 @@ struct xt_xsk_stats {
     uint64_t natt_rewrites;     /* outbound packets sent to a learned NAT-T address/port */
     uint64_t frames_free;       /* frames on the free stack right now */
     uint64_t frames_total;
+    uint64_t k_rx_dropped;      /* kernel XDP_STATISTICS summed over the RX sockets: */
+    uint64_t k_rx_invalid;      /*   dropped (no fill frame / too big), invalid descriptors, */
+    uint64_t k_rx_ring_full;    /*   RX ring full, fill ring empty (need more frames) */
+    uint64_t k_fill_empty;
+    uint64_t k_tx_invalid;      /* kernel: invalid TX descriptors */
     uint32_t zerocopy;          /* 1 when the UMEM is bound in zero-copy mode */
     uint32_t running;           /* 1 while xt_xsk_run() is in its loop */
 };
