@@ -36,6 +36,18 @@ CLIENT_KEEPALIVE_S = 1.0
 CLIENT_KEEPALIVE_TIMEOUT_S = 1.0
 
 
+def require_etcd() -> None:
+    """Skip when etcd is not installed; under CI=true that is a failure (make setup installs
+    Debian's etcd-server)."""
+    import pytest
+    if os.path.exists(ETCD) and os.access(ETCD, os.X_OK):
+        return
+    why = f"needs etcd ({ETCD}, Debian's etcd-server): run make setup"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{why} (CI=true: a missing prerequisite is a failure)")
+    pytest.skip(why)
+
+
 def _free_ports(n: int) -> list[int]:
     socks, ports = [], []
     for _ in range(n):

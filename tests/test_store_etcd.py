@@ -11,7 +11,7 @@ import itertools
 import time
 
 import pytest
-from etcd_cluster import EtcdCluster
+from etcd_cluster import EtcdCluster, require_etcd
 
 from pipeline.store import DELETE, PUT, Resync, StoreError
 from pipeline.store.etcd import EtcdStore, EtcdTls
@@ -21,6 +21,7 @@ _counter = itertools.count()
 
 @pytest.fixture(scope="module")
 def cl(tmp_path_factory):
+    require_etcd()
     with EtcdCluster(tmp_path_factory.mktemp("etcd")) as cluster:
         yield cluster
 

@@ -17,7 +17,7 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from etcd_cluster import EtcdCluster
+from etcd_cluster import EtcdCluster, require_etcd
 
 from pipeline import config as C
 from pipeline.sa import ChildSaParams, Selector
@@ -195,6 +195,7 @@ def test_keys_never_in_the_sqlite_file(tmp_path, fleet):
 
 @pytest.fixture(scope="module")
 def etcd(tmp_path_factory):
+    require_etcd()
     with EtcdCluster(tmp_path_factory.mktemp("etcd")) as cluster:
         yield cluster
 

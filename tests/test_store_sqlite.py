@@ -137,3 +137,19 @@ def test_closed_store_and_bad_file(tmp_path):
     with SqliteStore(tmp_path / "t.db") as t, \
             pytest.raises(StoreError, match="beyond the current revision"):
         t.compact(5)
+
+
+def test_open_store_from_config(tmp_path):
+    from pipeline import config as C
+    from pipeline.store import open_store
+    from pipeline.store.etcd import EtcdStore
+    with open_store(C.SqliteState(tmp_path / "cfg.db")) as s:
+        assert isinstance(s, SqliteStore) and s.put("/a", b"1") == 1
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(b"")
+    e = open_store(C.EtcdState(("https://127.0.0.1:1",), None, tmp_path / "f", ca,
+                               None, None))
+    assert isinstance(e, EtcdStore) and e.targets == ["127.0.0.1:1"]
+    e.close()
+    with pytest.raises(StoreError, match="unknown state backend"):
+        open_store(object())

@@ -11,7 +11,7 @@ import sys
 import textwrap
 
 import pytest
-from etcd_cluster import EtcdCluster
+from etcd_cluster import EtcdCluster, require_etcd
 from test_store_schema import child_sa
 
 from pipeline.sa import RecordingSaInstaller
@@ -26,6 +26,7 @@ _roots = itertools.count()
 
 @pytest.fixture(scope="module")
 def etcd_cluster(tmp_path_factory):
+    require_etcd()
     with EtcdCluster(tmp_path_factory.mktemp("etcd")) as cluster:
         yield cluster
 
