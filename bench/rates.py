@@ -342,6 +342,9 @@ class Bench:
                 "mpps_best": round(self.rate(c.name) / 1e6, 3),
                 "mpps_median": round(self.median(c.name) / 1e6, 3),
                 "mpps_rounds": [round(m.pps / 1e6, 3) for m in ms],
+                "dut_in_mpps_rounds": [
+                    round(m.dut.get(f"{self.topo.dut_in}.rx_packets", 0) / m.seconds / 1e6, 3)
+                    for m in ms],
                 "offered_mpps_rounds": [round(m.offered_pps / 1e6, 3) for m in ms],
                 "lost_per_round": [m.offered - m.delivered for m in ms],
                 "dut_counters_last_round": {k: v for k, v in ms[-1].dut.items() if v},
@@ -356,14 +359,17 @@ class Bench:
         }
 
     def table(self, ratios: Sequence[tuple[str, str]] = ()) -> str:
-        lines = [(f"{'case':<30} {'frame':>5} {'best':>7} {'median':>7} {'lost':>6}  "
-                 "rounds (Mpps at the far end)")]
+        lines = [(f"{'case':<30} {'frame':>5} {'best':>7} {'median':>7} {'dut_in':>7} "
+                  f"{'lost':>6}  rounds (Mpps at the far end)")]
         for c in self.cases:
             ms = self.results[c.name]
             lost = sum(m.offered - m.delivered for m in ms) / max(1, sum(m.offered for m in ms))
+            # what the DUT's ingress veth says it received (its own counter, median round)
+            dut_in = statistics.median(m.dut.get(f"{self.topo.dut_in}.rx_packets", 0) / m.seconds
+                                       for m in ms)
             lines.append(
                 f"{c.name:<30} {len(c.frames[0].data):>5} {self.rate(c.name) / 1e6:>7.3f} "
-                f"{self.median(c.name) / 1e6:>7.3f} {lost:>6.1%}  "
+                f"{self.median(c.name) / 1e6:>7.3f} {dut_in / 1e6:>7.3f} {lost:>6.1%}  "
                 + " ".join(f"{m.pps / 1e6:.2f}" for m in ms))
         for num, den in ratios:
             lines.append(f"ratio {num} / {den}: {self.ratio(num, den):.3f} "
