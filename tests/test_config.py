@@ -168,16 +168,16 @@ def test_minimal_example_defaults():
 
 
 @pytest.fixture
-def fleet_example(tmp_path) -> Path:
+def etcd_example(tmp_path) -> Path:
     """examples/ copied, with the fleet key made owner-only (git cannot record mode 0600)."""
     ex = tmp_path / "examples"
     shutil.copytree(EXAMPLES, ex)
     (ex / "keys" / "fleet.key").chmod(0o600)
-    return ex / "fleet.toml"
+    return ex / "etcd.toml"
 
 
-def test_fleet_example_env_psk_etcd_and_assigned_indexes(fleet_example):
-    cfg = C.load(fleet_example, env={"SITE_C_PSK": "  " + PSK + "\n"})
+def test_fleet_example_env_psk_and_assigned_indexes():
+    cfg = C.load(EXAMPLES / "fleet.toml", env={"SITE_C_PSK": "  " + PSK + "\n"})
     assert [(t.name, t.index, t.index_configured) for t in cfg.tunnels] == [
         ("branch-1", 1, False), ("branch-2", 2, False), ("site-c", 3, False)]
     b2 = cfg.tunnel("branch-2")
@@ -185,10 +185,17 @@ def test_fleet_example_env_psk_etcd_and_assigned_indexes(fleet_example):
     c = cfg.tunnel("site-c")
     assert c.customer_endpoint is None
     assert c.psk.reveal() == PSK.encode() and c.psk_source == "env:SITE_C_PSK"
+    assert cfg.state == C.SqliteState(Path("/var/lib/xtransit/state.db"))
+    assert [(r.prefix, r.tunnel, r.priority) for r in cfg.routes_for("branch-2")] == [
+        (ip_network("172.21.0.0/16"), "branch-2", 100)]
+
+
+def test_etcd_example_loads_the_fleet_key_through_the_store(etcd_example):
+    cfg = C.load(etcd_example, env={})
     s = cfg.state
     assert isinstance(s, C.EtcdState)
     assert s.endpoints == ("http://127.0.0.1:2379",) and s.prefix == "/xtransit/"
-    assert s.fleet_key_file == fleet_example.parent / "keys" / "fleet.key"
+    assert s.fleet_key_file == etcd_example.parent / "keys" / "fleet.key"
     material = b"example-fleet-key-do-not-use-in-production-0123456789"
     assert s.fleet_key.key_id == FleetKey(Secret(material)).key_id
     assert s.fleet_key.open(FleetKey(material).seal(b"x", "/k"), "/k") == b"x"
@@ -196,10 +203,19 @@ def test_fleet_example_env_psk_etcd_and_assigned_indexes(fleet_example):
     assert (s.ca_file, s.cert_file, s.key_file) == (None, None, None)
 
 
-def test_fleet_key_readable_by_others_is_refused_like_the_store_does(fleet_example):
-    key = fleet_example.parent / "keys" / "fleet.key"
+def test_cli_check_etcd_example(etcd_example):
+    r = CliRunner().invoke(cli, ["config", "check", str(etcd_example)])
+    assert r.exit_code == 0, r.output
+    key = etcd_example.parent / "keys" / "fleet.key"
+    assert (f"state       etcd http://127.0.0.1:2379 prefix /xtransit/ (no tls, fleet key from "
+            f"{key})") in r.stdout.splitlines()
+    assert "example-fleet-key" not in r.output
+
+
+def test_fleet_key_readable_by_others_is_refused_like_the_store_does(etcd_example):
+    key = etcd_example.parent / "keys" / "fleet.key"
     key.chmod(0o644)
-    assert only_error(fleet_example, {"SITE_C_PSK": PSK}) == (
+    assert only_error(etcd_example) == (
         "state.fleet_key_file",
         (f"fleet key file '{key}' has mode 0644: it must be readable by its owner only "
         f"(chmod 600 '{key}')"))
@@ -679,8 +695,8 @@ def test_cli_check_good_file_prints_summary():
     assert EDGE_PSK.decode() not in r.output
 
 
-def test_cli_check_marks_assigned_indexes(fleet_example):
-    r = CliRunner().invoke(cli, ["config", "check", str(fleet_example)],
+def test_cli_check_marks_assigned_indexes():
+    r = CliRunner().invoke(cli, ["config", "check", str(EXAMPLES / "fleet.toml")],
                            env={"SITE_C_PSK": PSK})
     assert r.exit_code == 0, r.output
     assert "* index assigned automatically; set `index` to keep counters stable" in r.stdout
