@@ -377,6 +377,29 @@ class Bench:
         return "\n".join(lines)
 
 
+# --- per-packet program cost (BPF_PROG_TEST_RUN with repeat) -------------------------------------
+
+def prog_cost_ns(ns, ifname: str, prog_fd: int, frame: bytes, *, repeat: int = 200_000,
+                 rounds: int = 5, expect: int | None = None) -> float:
+    """Nanoseconds per run of an XDP program on ``frame`` as the kernel times it, best of
+    ``rounds`` (shared machine). Run from a thread inside ``ns`` with ``ifname`` as the ingress
+    device, so FIB lookups and redirects resolve as on the wire. ``expect``: the XDP action every
+    run must return (a cost measured on the wrong path is refused). Never with
+    kernel.bpf_stats_enabled, which adds its own cost to every run."""
+    from pipeline.xdp import testrun
+    if bpf_stats_enabled():
+        raise BenchError("kernel.bpf_stats_enabled is 1: program costs would include it")
+    best = float("inf")
+    with lg._thread_in_netns(getattr(ns, "name", ns)):
+        ifindex = lg._ifindex(ifname)
+        for _ in range(rounds):
+            res = testrun.run(prog_fd, frame, repeat=repeat, ingress_ifindex=ifindex)
+            if expect is not None and res.action != expect:
+                raise BenchError(f"program returned {res.action!r}, expected {expect!r}")
+            best = min(best, res.duration_ns)
+    return float(best)
+
+
 # --- the standalone run: plain IPv4, reference forwarder ----------------------------------------
 
 def plain_cases(sizes: Sequence[int], fwd_modes: Sequence[str] = ("native",)) -> tuple[

@@ -21,3 +21,10 @@ int xdp_bench_parse_tx(struct xdp_md *ctx)
 		return XDP_DROP;
 	return XDP_TX;
 }
+
+/* The cost rig's reference callee (bench/rates.py): returns at once. What the rig measures with
+ * it is the rig's own cost, subtracted from every program measured through the rig. */
+int xdp_bench_tx(struct xdp_md *ctx)
+{
+	return XDP_TX;
+}

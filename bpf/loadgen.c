@@ -8,6 +8,13 @@
  * clamping) rewrites our page. So every run rebuilds the frame from a template in a map: the
  * header bytes (copy_len) are copied over the frame, the length is set, and one 16-bit field
  * (a source port) steps through a range, its checksum adjusted incrementally.
+ *
+ * Built with -DLG_COST_RIG the same program is a measuring rig for per-packet program cost
+ * (bench/rates.py): BPF_PROG_TEST_RUN with repeat (not live) runs a program again and again on
+ * one buffer, so a program that rewrites the packet (TTL, decapsulation, encapsulation) would be
+ * timed on its own output from the second run on. The rig rebuilds the frame from the template,
+ * moves the head back where the previous run's program left it (decap and encap only move the
+ * head), and tail-calls the program under test.
  */
 #include <uapi/linux/bpf.h>
 
@@ -19,6 +26,10 @@ BPF_ARRAY(lg_frames, struct lg_frame, LG_MAX_FRAMES);
 BPF_ARRAY(lg_config, struct lg_config, 1);
 /* Counters per CPU (struct lg_counters), key 0. */
 BPF_PERCPU_ARRAY(lg_counters, struct lg_counters, 1);
+#ifdef LG_COST_RIG
+/* The program under test, index 0. */
+BPF_PROG_ARRAY(lg_target, 1);
+#endif
 
 /* One's-complement sum folded to 16 bits. */
 static __always_inline __u16 lg_fold(__u32 sum)
@@ -89,8 +100,13 @@ int xdp_loadgen(struct xdp_md *ctx)
 
 	/* The length first: the copy and the field writes must land inside the frame. */
 	cur = (__u32)(ctx->data_end - ctx->data);
+#ifdef LG_COST_RIG
+	if (cur != f->len && bpf_xdp_adjust_head(ctx, (int)cur - (int)f->len))
+		goto err;
+#else
 	if (cur != f->len && bpf_xdp_adjust_tail(ctx, (int)f->len - (int)cur))
 		goto err;
+#endif
 
 	n = f->copy_len;
 	if (n < 14 || n > f->len)
@@ -110,6 +126,10 @@ int xdp_loadgen(struct xdp_md *ctx)
 
 	cnt->sent++;
 	cnt->bytes += f->len;
+#ifdef LG_COST_RIG
+	lg_target.call(ctx, 0);
+	goto err; /* no program under test in lg_target */
+#endif
 	if (cfg->ifindex)
 		return bpf_redirect(cfg->ifindex, 0);
 	return XDP_TX;

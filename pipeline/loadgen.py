@@ -406,6 +406,26 @@ class Sink:
 
 # --- the generator -----------------------------------------------------------------------------
 
+def _fill_templates(bpf, frames: Sequence[Frame], redirect_ifindex: int = 0) -> None:
+    """Write the templates and settings into a compiled bpf/loadgen.c."""
+    same_len = len({len(f.data) for f in frames}) == 1
+    table = bpf[b"lg_frames"]
+    for i, f in enumerate(frames):
+        leaf = table.Leaf()
+        leaf.len = len(f.data)
+        leaf.copy_len = f.copy_len or (min(len(f.data), HEADER_COPY) if same_len
+                                       else len(f.data))
+        leaf.vary_off, leaf.vary_range, leaf.csum_off = f.vary_off, f.vary_range, f.csum_off
+        leaf.flags = LG_F_CSUM_UDP if f.csum_udp else 0
+        ctypes.memmove(ctypes.addressof(leaf.data), f.data, len(f.data))
+        table[table.Key(i)] = leaf
+    cfg = bpf[b"lg_config"]
+    leaf = cfg.Leaf()
+    leaf.nframes = len(frames)
+    leaf.ifindex = redirect_ifindex
+    cfg[cfg.Key(0)] = leaf
+
+
 @dataclass
 class GenResult:
     """What the generator's program sent (XDP_TX/redirect returned) and in how long. Whether the
@@ -463,22 +483,7 @@ class LoadGen:
             raise
 
     def _fill_maps(self) -> None:
-        same_len = len({len(f.data) for f in self.frames}) == 1
-        table = self._bpf[b"lg_frames"]
-        for i, f in enumerate(self.frames):
-            leaf = table.Leaf()
-            leaf.len = len(f.data)
-            leaf.copy_len = f.copy_len or (min(len(f.data), HEADER_COPY) if same_len
-                                           else len(f.data))
-            leaf.vary_off, leaf.vary_range, leaf.csum_off = f.vary_off, f.vary_range, f.csum_off
-            leaf.flags = LG_F_CSUM_UDP if f.csum_udp else 0
-            ctypes.memmove(ctypes.addressof(leaf.data), f.data, len(f.data))
-            table[table.Key(i)] = leaf
-        cfg = self._bpf[b"lg_config"]
-        leaf = cfg.Leaf()
-        leaf.nframes = len(self.frames)
-        leaf.ifindex = self.redirect_ifindex
-        cfg[cfg.Key(0)] = leaf
+        _fill_templates(self._bpf, self.frames, self.redirect_ifindex)
 
     def counters(self) -> dict[str, int]:
         return _percpu_sum(self._bpf[b"lg_counters"], ("runs", "sent", "bytes", "errors"))
@@ -559,6 +564,83 @@ class LoadGen:
         if seconds <= 0:
             raise ValueError("seconds must be positive")
         return self._run(None, seconds)
+
+    def close(self) -> None:
+        self._bpf.cleanup()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# --- per-packet program cost --------------------------------------------------------------------
+
+class CostRig:
+    """Per-packet cost of an XDP program with BPF_PROG_TEST_RUN and repeat, on a frame the
+    program may rewrite.
+
+    A plain repeated test run executes the program on one buffer over and over, so from the
+    second run on a program that rewrites the packet sees its own output (a TTL decrement ends
+    in XDP_PASS after 63 runs, a decapsulation decapsulates the inner packet). The rig is
+    bpf/loadgen.c built with -DLG_COST_RIG: it restores the frame (head position and header
+    bytes) and tail-calls the program under test, so every run sees the template. Its own cost,
+    measured with a callee that returns at once (``reference_fd``), is subtracted, and the
+    standalone cost of that callee added back (the test-run loop itself), so the figure is
+    comparable with a plain repeated run of a program that does not rewrite packets.
+
+    ``frames``: the :class:`Frame` (or bytes) to time the program on; ``copy_len`` of the
+    frame covers every byte the program rewrites (default: the first 256 bytes).
+    """
+
+    def __init__(self, frame: bytes | Frame, reference_fd: int):
+        self.frame = frame if isinstance(frame, Frame) else Frame(bytes(frame))
+        self.reference_fd = reference_fd
+        self._bpf = _compile(LOADGEN_SRC, ["-DLG_COST_RIG"])
+        try:
+            from bcc import BPF
+            self._fn = self._bpf.load_func(b"xdp_loadgen", BPF.XDP)
+            _fill_templates(self._bpf, [self.frame])
+        except BaseException:
+            self._bpf.cleanup()
+            raise
+
+    def _timed(self, fd: int, repeat: int, ifindex: int, rig: bool):
+        if not rig:
+            return testrun.run(fd, self.frame.data, repeat=repeat, ingress_ifindex=ifindex)
+        target = self._bpf[b"lg_target"]
+        target[ctypes.c_int(0)] = ctypes.c_int(fd)
+        before = self.counters()
+        res = testrun.run(self._fn.fd, self.frame.data, repeat=repeat, ingress_ifindex=ifindex)
+        after = self.counters()
+        runs, errors = after["runs"] - before["runs"], after["errors"] - before["errors"]
+        if runs != repeat or errors:
+            raise LoadGenError(f"cost rig: {runs} runs for {repeat} asked, {errors} failed "
+                               f"(the program under test moved the tail, or no tail call)")
+        return res
+
+    def counters(self) -> dict[str, int]:
+        return _percpu_sum(self._bpf[b"lg_counters"], ("runs", "sent", "bytes", "errors"))
+
+    def cost_ns(self, prog_fd: int, *, ns=None, ifname: str | None = None,
+                repeat: int = 200_000, rounds: int = 5, expect: int | None = None) -> float:
+        """Nanoseconds per run of ``prog_fd`` on the frame: best of ``rounds`` of
+        (rig + program) - (rig + reference) + (reference alone). Runs in ``ns`` with ``ifname``
+        as the ingress device (FIB lookups resolve there). ``expect``: the action every timed
+        run must end with (a cost measured on another path is refused)."""
+        with _thread_in_netns(_ns_name(ns)):
+            ifindex = _ifindex(ifname) if ifname else 0
+            best = {"prog": float("inf"), "rig": float("inf"), "ref": float("inf")}
+            for _ in range(rounds):
+                for key, fd, rig in (("prog", prog_fd, True), ("rig", self.reference_fd, True),
+                                     ("ref", self.reference_fd, False)):
+                    res = self._timed(fd, repeat, ifindex, rig)
+                    if key == "prog" and expect is not None and res.action != expect:
+                        raise LoadGenError(f"program returned {res.action!r}, "
+                                           f"expected {expect!r}")
+                    best[key] = min(best[key], res.duration_ns)
+        return best["prog"] - best["rig"] + best["ref"]
 
     def close(self) -> None:
         self._bpf.cleanup()

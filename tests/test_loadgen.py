@@ -322,3 +322,42 @@ def test_trafgen_config(lab, cfg, defines, frame_len, inner_len, key):
         assert (inner.src, inner.dst, inner[TCP].dport) == ("198.51.100.10", "198.18.0.1", 80)
     else:
         assert inner[UDP].dport == 9 and inner[UDP].len == 26
+
+
+# --- the cost rig (per-packet program cost on frames the program rewrites) ---------------------
+
+@pytest.mark.netns
+def test_cost_rig_times_every_run_on_the_template(rates):
+    """A plain repeated test run drifts: the reference forwarder decrements the TTL of the one
+    buffer until it passes the packet to the kernel (TTL 1), and push4 runs out of headroom.
+    Through the rig every run sees the template: the forwarder redirects every time, push4
+    passes every time (its head is moved back), and the costs are positive."""
+    from bcc import BPF
+
+    from pipeline.xdp import testrun
+    from pipeline.xdp.testrun import XdpAction
+    frame = rates.to_dut(rates.plain_udp(64))
+    with rates.Topology() as topo:
+        ref = topo.compiled("parse", lambda: lg._compile(lg.BPF_DIR / "bench_parse_tx.c"))
+        tx = ref.load_func(b"xdp_bench_tx", BPF.XDP)
+        fwd = topo.compiled("fwd", lambda: lg._compile(lg.BPF_DIR / "bench_fwd.c"))
+        fwd_fn = fwd.load_func(b"xdp_bench_fwd", BPF.XDP)
+        probe = topo.compiled("probe", lambda: lg._compile(REPO / "tests/bpf/testrun_probe.c"))
+        push4 = probe.load_func(b"push4", BPF.XDP)
+        with lg._thread_in_netns(topo.dut.name):
+            d0 = lg._ifindex("d0")
+            assert testrun.run(fwd_fn.fd, frame.data, ingress_ifindex=d0).action is \
+                XdpAction.REDIRECT
+            assert testrun.run(fwd_fn.fd, frame.data, repeat=100,
+                               ingress_ifindex=d0).action is XdpAction.PASS
+            assert testrun.run(push4.fd, frame.data, repeat=100).action is XdpAction.ABORTED
+        with lg.CostRig(frame, tx.fd) as rig:
+            c_fwd = rig.cost_ns(fwd_fn.fd, ns=topo.dut, ifname="d0", repeat=1000, rounds=1,
+                                expect=XdpAction.REDIRECT)
+            c_push = rig.cost_ns(push4.fd, ns=topo.dut, ifname="d0", repeat=1000, rounds=1,
+                                 expect=XdpAction.PASS)
+            assert c_fwd > 0 and c_push > 0
+            assert rig.counters()["errors"] == 0
+            with pytest.raises(lg.LoadGenError, match="expected"):
+                rig.cost_ns(fwd_fn.fd, ns=topo.dut, ifname="d0", repeat=10, rounds=1,
+                            expect=XdpAction.TX)
