@@ -71,6 +71,8 @@ static inline void frame_free(struct xt_xsk *x, uint64_t addr)
     x->free_stack[x->n_free++] = frame_base(x, addr);
 }
 
+static void refill(struct xt_xsk *x, struct rx_sock *s);
+
 static unsigned pow2_ok(uint32_t v) { return v && !(v & (v - 1)); }
 
 struct xt_xsk *xt_xsk_new(const struct xt_xsk_config *cfg, char *err, size_t errlen)
@@ -179,6 +181,10 @@ struct xt_xsk *xt_xsk_new(const struct xt_xsk_config *cfg, char *err, size_t err
             return NULL;
         }
     }
+    /* fill rings full before the sockets go into the XSKMAP: a packet steered before the loop
+     * thread runs must not find an empty fill ring (the kernel would drop it) */
+    for (unsigned i = 0; i < x->n_rx; i++)
+        refill(x, &x->rx[i]);
     struct xdp_options opts = {0};
     socklen_t ol = sizeof(opts);
     if (getsockopt(xsk_socket__fd(x->rx[0].xsk), SOL_XDP, XDP_OPTIONS, &opts, &ol) == 0)
