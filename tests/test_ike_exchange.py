@@ -491,3 +491,37 @@ def test_edge_rekeys_ike_sa_at_its_lifetime():
     p.deliver_from_i(p.init.start(i_new, InformationalTask(), p.now))
     p.deliver_from_r(p.resp.start(r_new, InformationalTask(), p.now))
     assert r_new.expected_peer_id == 1 and i_new.expected_peer_id == 1
+
+
+def test_response_goes_to_the_source_of_the_request():
+    """RFC 7296 2.11: without NAT the SA's address stays, but each answer follows its request."""
+    p = Pair()
+    p.start(profile())
+    (r_sa,) = p.resp.established_sas()
+    (i_sa,) = p.init.established_sas()
+    (req,) = p.init.start(i_sa, InformationalTask(), p.now)
+    (resp,) = p.resp.handle(req.data, (EDGE, 500), (CUSTOMER, 33333), p.now)
+    assert resp.remote == (CUSTOMER, 33333) and resp.local == (EDGE, 500)
+    assert r_sa.remote == (CUSTOMER, 500)  # no NAT detected: the SA does not move
+    (again,) = p.resp.handle(req.data, (EDGE, 500), (CUSTOMER, 44444), p.now)
+    assert again.remote == (CUSTOMER, 44444) and again.data == resp.data
+
+
+def test_rekeyed_child_never_deleted_by_peer_is_removed_at_expiry():
+    p = Pair()
+    p.start(profile())
+    (r_sa,) = p.resp.established_sas()
+    old = next(iter(r_sa.children.values()))
+    (i_sa,) = p.init.established_sas()
+    i_child = next(iter(i_sa.children.values()))
+    # the initiator rekeys (later on) but its DELETE of the old SA is lost
+    p.now = 1000.0
+    (req,) = p.init.start(i_sa, ChildCreateTask(rekey=i_child, pfs_group=0,
+                                                proposals=[esp_proposal(Encr.AES_GCM_16, 256, 0, b"")]),
+                          p.now)
+    (resp,) = p.resp.handle(req.data, req.remote, req.local, p.now)
+    p.init.handle(resp.data, resp.remote, resp.local, p.now)  # the DELETE it returns is dropped
+    assert old.rekeyed and len(r_sa.children) == 2
+    p.now = old.expire_at + 1
+    p.resp.tick(p.now)
+    assert old.spi_in not in r_sa.children and len(r_sa.children) == 1

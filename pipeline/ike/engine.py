@@ -336,7 +336,7 @@ class IkeEngine:
             if isinstance(last, EncryptedFragmentPayload) and last.number != 1:
                 return []  # RFC 7383 section 2.6.1: answer on the first fragment only
             self.stats["retransmit_answered"] += 1
-            return [Datagram(d, sa.local, sa.remote) for d in sa.last_response]
+            return [Datagram(d, local, remote) for d in sa.last_response]
         if msg.msg_id != sa.expected_peer_id:
             raise DropMessage("unexpected_message_id")
         if sa.state == IkeState.HALF_OPEN and msg.exchange != ExchangeType.IKE_AUTH:
@@ -380,7 +380,8 @@ class IkeEngine:
         datagrams = self._protect(sa, out, response)
         sa.last_response, sa.last_response_id = datagrams, msg.msg_id
         sa.expected_peer_id = msg.msg_id + 1
-        result = [Datagram(d, sa.local, sa.remote) for d in datagrams]
+        # RFC 7296 section 2.11: the response goes where the request came from.
+        result = [Datagram(d, local, remote) for d in datagrams]
         if task is not None and task.destroy_after_response:
             reason = "deleted_by_peer" if msg.exchange == ExchangeType.INFORMATIONAL else "auth_failed"
             self.destroy(sa, reason, uninstall=True)
@@ -486,6 +487,8 @@ class IkeEngine:
         tunnel = sa.tunnel
         for child in list(sa.children.values()):
             if child.rekeyed:
+                if now >= child.expire_at:  # the peer never deleted the rekeyed SA
+                    self.remove_child(sa, child.spi_in)
                 continue
             if now >= child.expire_at:
                 self.stats["child_expired"] += 1
