@@ -24,8 +24,8 @@ from collections import Counter
 from dataclasses import dataclass
 
 from .sa import ChildSaParams, SaInstaller
-from .store import DELETE, Event, Record, Resync, StoreError, WatchClosed
-from .store.schema import SchemaError, SharedState
+from .store import DELETE, Event, Resync, StoreError, WatchClosed
+from .store.schema import SchemaError, SharedState, decode_child_sa
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class SaSync:
     def _decode(self, rec_key: str, value: bytes):
         try:
             tunnel, spi = self.state.layout.parse_sa(rec_key)
-            r = self.state.decode_child_sa(Record(rec_key, value, 0, 0, 0))
+            r = decode_child_sa(self.state.fleet, rec_key, value)
         except SchemaError as e:
             reason = DROP_BAD_KEY if "not a Child SA key" in str(e) else DROP_UNDECODABLE
             self._drop(reason, rec_key, str(e))

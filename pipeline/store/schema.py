@@ -118,7 +118,7 @@ def _dump(obj: dict) -> bytes:
 
 def _load(key: str, value: bytes) -> dict:
     try:
-        obj = json.loads(value)
+        obj = json.loads(value.decode())    # str: json skips its encoding detection
     except (ValueError, UnicodeDecodeError):
         raise SchemaError(f"{key}: not JSON") from None
     if not isinstance(obj, dict):

@@ -1,0 +1,260 @@
+"""State store benchmark: SA propagation latency between nodes, and SA install rate at scale.
+
+1. Propagation (3-member etcd cluster on loopback, TLS, as in tests/etcd_cluster.py): node A
+   (this process) writes Child SAs one at a time, paced; nodes B and C (separate processes, each
+   on another etcd member) run ``SaSync`` into an installer that stamps each install with
+   CLOCK_MONOTONIC (one clock for every process on the machine). Latency = last of B/C
+   installed - A started the write. Baseline in the same run: the same writes as raw values
+   watched by a plain ``EtcdStore.watch`` in another process (etcd's notification, our watch
+   thread, no decode/unseal/install). The same measure for SQLite (two processes, one file).
+2. Install rate: a node joining late rebuilds from N Child SAs already in the store (list at
+   one revision, unseal, install into a ``RecordingSaInstaller``). Baseline in the same run: the
+   bare paged list of the same records (the store's share).
+
+    .venv/bin/python -m bench.bench_store              # full run (1000 paced writes, 200,000 SAs)
+    .venv/bin/python -m bench.bench_store --quick      # smoke: 20 writes, 1,000 SAs
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+
+from pipeline.sa import ChildSaParams, RecordingSaInstaller
+from pipeline.store.crypto import FleetKey
+from pipeline.store.etcd import EtcdStore, EtcdTls
+from pipeline.store.schema import Layout, SharedState, encode_child_sa
+from pipeline.store.sqlite import SqliteStore
+from pipeline.sync import SaSync
+
+FLEET_RAW = b"bench-fleet-key-0123456789abcdef-0123456789"
+GAP_S = 0.01          # between paced writes: 100 SA writes per second
+WARMUP = 10           # first writes of each pass, not counted (connections, first decode)
+
+
+def make_sa(i: int) -> ChildSaParams:
+    return ChildSaParams(
+        tunnel_name=f"t{i % 100_000:06d}", tunnel_id=f"{i:032x}", account_id="123456789",
+        ike_sa=f"{i:016x}/{i + 1:016x}", spi_in=0x10000000 + i, spi_out=0x80000000 + i,
+        encr="aes-gcm-16", encr_key_bits=256, integ=None, local_addr="192.0.2.1",
+        remote_addr="198.51.100.7", encap_local_port=4500, encap_remote_port=4500,
+        lifetime_soft_s=3000, lifetime_hard_s=3600,
+        enc_key_in=os.urandom(32), enc_key_out=os.urandom(32), salt_in=os.urandom(4),
+        salt_out=os.urandom(4))
+
+
+def pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, round(q / 100 * len(s) + 0.5) - 1))]
+
+
+# --- node processes ----------------------------------------------------------------------------
+class StampInstaller:
+    def __init__(self) -> None:
+        self.t: dict[int, float] = {}
+
+    def install(self, sa):
+        self.t[sa.spi_in] = time.monotonic()
+
+    def replace(self, old, sa):
+        self.t[sa.spi_in] = time.monotonic()
+
+    def delete(self, spi):
+        pass
+
+
+def _open(spec: dict):
+    if spec["kind"] == "sqlite":
+        return SqliteStore(spec["path"])
+    tls = EtcdTls(*map(Path, spec["tls"]))
+    return EtcdStore(spec["endpoints"], tls=tls, keepalive_s=1.0, keepalive_timeout_s=1.0)
+
+
+def node_main(spec: dict, root: str, n: int, ready, out) -> None:
+    """SaSync into a stamping installer until ``n`` SAs are in (or 120 s)."""
+    store = _open(spec)
+    inst = StampInstaller()
+    sync = SaSync(SharedState(store, FleetKey(FLEET_RAW), Layout(root)), inst).start()
+    ready.set()
+    deadline = time.monotonic() + 120
+    while len(inst.t) < n and time.monotonic() < deadline:
+        time.sleep(0.01)
+    sync.stop()
+    store.close()
+    out.put(dict(inst.t))
+
+
+def raw_main(spec: dict, prefix: str, n: int, ready, out) -> None:
+    """A plain watch: stamps each raw event's arrival."""
+    store = _open(spec)
+    w = store.watch(prefix, store.revision() + 1)
+    ready.set()
+    t: dict[str, float] = {}
+    deadline = time.monotonic() + 120
+    while len(t) < n and time.monotonic() < deadline:
+        for ev in w.get(0.5):
+            t.setdefault(ev.key, time.monotonic())
+    w.close()
+    store.close()
+    out.put(t)
+
+
+def propagation(writer_spec: dict, node_specs: list[dict], n: int, tag: str) -> dict:
+    ctx = mp.get_context("spawn")
+    fleet = FleetKey(FLEET_RAW)
+    root = f"/bench-{tag}-{time.monotonic_ns()}/"
+    results = {}
+    # Baseline: raw values of the same size, one plain watcher per node.
+    out, readies, procs = ctx.Queue(), [], []
+    prefix = root + "raw/"
+    for spec in node_specs:
+        ready = ctx.Event()
+        p = ctx.Process(target=raw_main, args=(spec, prefix, n, ready, out))
+        p.start()
+        procs.append(p)
+        readies.append(ready)
+    for r in readies:
+        r.wait(60)
+    store = _open(writer_spec)
+    layout = Layout(root)
+    sas = [make_sa(i) for i in range(n)]
+    values = [encode_child_sa(fleet, layout.sa(sa.tunnel_name, sa.spi_in), sa) for sa in sas]
+    t0 = {}
+    for i, v in enumerate(values):
+        k = f"{prefix}{i:06d}"
+        t0[k] = time.monotonic()
+        store.put(k, v)
+        time.sleep(GAP_S)
+    stamps = [out.get(timeout=180) for _ in procs]
+    for p in procs:
+        p.join(30)
+    results["raw"] = [max(s[k] for s in stamps) - t0[k] for k in list(t0)[WARMUP:]
+                      if all(k in s for s in stamps)]
+    # Ours: SaSync on each node, Child SAs written through SharedState.
+    out, readies, procs = ctx.Queue(), [], []
+    for spec in node_specs:
+        ready = ctx.Event()
+        p = ctx.Process(target=node_main, args=(spec, root, n, ready, out))
+        p.start()
+        procs.append(p)
+        readies.append(ready)
+    for r in readies:
+        r.wait(60)
+    shared = SharedState(store, fleet, layout, node=1)
+    t0s = {}
+    for sa in sas:
+        t0s[sa.spi_in] = time.monotonic()
+        shared.put_child_sa(sa)
+        time.sleep(GAP_S)
+    stamps = [out.get(timeout=180) for _ in procs]
+    for p in procs:
+        p.join(30)
+    results["ours"] = [max(s[k] for s in stamps) - t0s[k] for k in list(t0s)[WARMUP:]
+                       if all(k in s for s in stamps)]
+    store.close()
+    return results
+
+
+# --- install rate ------------------------------------------------------------------------------
+def load_etcd(store: EtcdStore, layout: Layout, fleet: FleetKey, sas) -> None:
+    """Bulk load (setup, not timed): 128 puts per etcd transaction (its --max-txn-ops)."""
+    from aetcd.rpc import rpc_pb2, rpc_pb2_grpc
+    stub = rpc_pb2_grpc.KVStub(store._channel(0))
+    ops = []
+    for j, sa in enumerate(sas):
+        key = layout.sa(sa.tunnel_name, sa.spi_in)
+        ops.append(rpc_pb2.RequestOp(request_put=rpc_pb2.PutRequest(
+            key=key.encode(), value=encode_child_sa(fleet, key, sa))))
+        if len(ops) == 128 or j == len(sas) - 1:
+            stub.Txn(rpc_pb2.TxnRequest(success=ops), timeout=30)
+            ops = []
+
+
+def install_rate(store, layout: Layout, fleet: FleetKey, n: int) -> dict:
+    t = time.perf_counter()
+    listing = store.list(layout.sas)
+    list_s = time.perf_counter() - t
+    assert len(listing.records) == n, (len(listing.records), n)
+    del listing
+    inst = RecordingSaInstaller()
+    sync = SaSync(SharedState(store, fleet, layout), inst)
+    t = time.perf_counter()
+    sync.rebuild()
+    rebuild_s = time.perf_counter() - t
+    assert len(inst.sas) == n and not sync.drops
+    sync.stop()
+    return {"n": n, "list_s": list_s, "rebuild_s": rebuild_s}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--writes", type=int, default=1000)
+    ap.add_argument("--sas", type=int, default=200_000)
+    a = ap.parse_args()
+    writes, nsas = (30, 1000) if a.quick else (a.writes + WARMUP, a.sas)
+    import logging
+
+    from etcd_cluster import EtcdCluster
+    logging.getLogger("pipeline").setLevel(logging.WARNING)
+    print(f"# bench_store: {platform.platform()}, python {platform.python_version()}, "
+          f"{os.cpu_count()} CPUs; {writes - WARMUP} paced writes ({1 / GAP_S:.0f}/s), {nsas} SAs")
+    fleet = FleetKey(FLEET_RAW)
+    with tempfile.TemporaryDirectory(prefix="bench-store-") as tmp, \
+            EtcdCluster(Path(tmp) / "etcd") as cl:
+        tls = [str(cl.tls.ca_file), str(cl.tls.cert_file), str(cl.tls.key_file)]
+        eps = cl.endpoints
+
+        def spec(first):
+            return {"kind": "etcd", "endpoints": eps[first:] + eps[:first], "tls": tls}
+        rows = []
+        lat = propagation(spec(0), [spec(1), spec(2)], writes, "etcd")
+        rows.append(("etcd, 3 members, A->B,C", lat))
+        db = str(Path(tmp) / "state.db")
+        SqliteStore(db).close()
+        sq = {"kind": "sqlite", "path": db}
+        rows.append(("sqlite, one file, A->B,C", propagation(sq, [sq, sq], writes, "sqlite")))
+        print("\n| store | n | ours p50 (ms) | ours p99 (ms) | raw watch p50 (ms) "
+              "| raw watch p99 (ms) | p99 ours / raw |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        for name, r in rows:
+            o, w = r["ours"], r["raw"]
+            print(f"| {name} | {len(o)} | {pct(o, 50) * 1e3:.2f} | {pct(o, 99) * 1e3:.2f} | "
+                  f"{pct(w, 50) * 1e3:.2f} | {pct(w, 99) * 1e3:.2f} | "
+                  f"{pct(o, 99) / pct(w, 99):.2f} |")
+        etcd_p99 = pct(rows[0][1]["ours"], 99) * 1e3
+        print(f"\ntarget etcd propagation p99 < 50 ms: {'met' if etcd_p99 < 50 else 'missed'} "
+              f"({etcd_p99:.2f} ms)")
+
+        print("\n| store | SAs | rebuild (s) | installs/s | bare list (s) | list share |")
+        print("|---|---:|---:|---:|---:|---:|")
+        sas = [make_sa(i) for i in range(nsas)]
+        for name in ("sqlite", "etcd"):
+            layout = Layout(f"/rate-{name}/")
+            if name == "sqlite":
+                store = SqliteStore(Path(tmp) / "rate.db", retain_revisions=0)
+                for sa in sas:
+                    key = layout.sa(sa.tunnel_name, sa.spi_in)
+                    store.put(key, encode_child_sa(fleet, key, sa))
+            else:
+                store = cl.client(timeout=30.0)
+                load_etcd(store, layout, fleet, sas)
+            r = install_rate(store, layout, fleet, nsas)
+            store.close()
+            rate = r["n"] / r["rebuild_s"]
+            print(f"| {name} | {r['n']:,} | {r['rebuild_s']:.2f} | {rate:,.0f} | "
+                  f"{r['list_s']:.2f} | {r['list_s'] / r['rebuild_s']:.0%} |")
+            print(f"target {name} >= 10,000 installs/s: {'met' if rate >= 10_000 else 'missed'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
