@@ -64,3 +64,8 @@ IKE_FUZZ_EXAMPLES ?= 100000
 .PHONY: fuzz-ike
 fuzz-ike: setup
 	IKE_FUZZ_EXAMPLES=$(IKE_FUZZ_EXAMPLES) $(PYTEST) -q -p no:cacheprovider tests/test_ike_fuzz.py
+
+# --- IKE interop: the whole proposal matrix against strongSwan (about a minute) --------------
+.PHONY: interop-ike
+interop-ike: setup
+	IKE_INTEROP_FULL=1 $(PYTEST) -q -p no:cacheprovider tests/test_ike_strongswan.py

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import subprocess
 import threading
 from pathlib import Path
@@ -337,8 +338,9 @@ def nat_topo(lab):
         "}\n"))
     started = []
 
-    def start(tunnels=(replace_customer(TUNNEL, None),), config=None):
-        e = Edge(edge, list(tunnels), config)
+    def start(tunnels=None, config=None):
+        # behind a NAT the customer endpoint is unknown (None) in the tunnel's configuration
+        e = Edge(edge, list(tunnels or [replace_customer(TUNNEL, None)]), config)
         started.append(e)
         return e
 
@@ -379,3 +381,88 @@ def test_real_nat_in_between(nat_topo, natt):
     assert sa.encap_remote_port in mapped, ct
     log_text = Path(f"/tmp/swan-peer/{cust.name}/charon.log").read_text()
     assert "local host is behind NAT" in log_text
+
+
+IKE_MATRIX = [f"{e}-{p}-{g}" for e in ("aes128gcm16", "aes256gcm16")
+              for p in ("prfsha256", "prfsha384", "prfsha512")
+              for g in ("ecp384", "modp2048", "modp1536")]
+IKE_MATRIX += [f"aes256-sha256-{g}" for g in ("ecp384", "modp2048", "modp1536")]
+# The whole matrix takes about a minute: `make interop-ike` (IKE_INTEROP_FULL=1) runs it; the
+# normal suite runs a subset that still uses every cipher, PRF and group at least once.
+FULL = os.environ.get("IKE_INTEROP_FULL") == "1"
+IKE_SUBSET = ["aes128gcm16-prfsha256-ecp384", "aes256gcm16-prfsha384-modp2048",
+              "aes128gcm16-prfsha512-modp1536", "aes256-sha256-modp2048"]
+_IKE_WANT = {"aes128gcm16": (20, 128, 0), "aes256gcm16": (20, 256, 0), "aes256": (12, 256, 12)}
+_PRF = {"prfsha256": 5, "prfsha384": 6, "prfsha512": 7, "sha256": 5}
+_DH = {"ecp384": 20, "modp2048": 14, "modp1536": 5}
+
+
+def _up_down(cust, e, *args):
+    """One negotiation: returns (peer.sh result, our IKE SA selection, installed Child SA)."""
+    proc = peer(cust, "--id-type", "fqdn", "--id", FQDN, *args)
+    if proc.returncode != 0:
+        return proc, None, None
+    e.installer.wait_for(lambda sas: len(sas) == 1, 5)
+    sas = e.call(lambda: e.engine.established_sas())
+    child = next(iter(e.installer.sas.values()), None)
+    sel = sas[0].sel if len(sas) == 1 else None
+    peer_cmd(cust, "down")
+    e.installer.wait_for(lambda sas: not sas, 5)
+    return proc, sel, child
+
+
+def test_interop_matrix_ike_proposals(topo):
+    """Every IKE proposal of issue 6 against strongSwan, one charon start each."""
+    _, cust, start = topo
+    e = start()
+    bad = []
+    combos = IKE_MATRIX if FULL else IKE_SUBSET
+    for ike in combos:
+        proc, sel, child = _up_down(cust, e, "--ike", ike, "--esp", "aes128gcm16")
+        enc, rest = ike.split("-", 1)
+        prf, dh = rest.rsplit("-", 1)
+        want = (*_IKE_WANT[enc], _PRF[prf], _DH[dh])
+        got = sel and (sel.encr, sel.key_bits, sel.integ, sel.prf, sel.dh)
+        if proc.returncode != 0 or got != want or child is None:
+            bad.append((ike, proc.returncode, got, proc.stderr[-400:]))
+    assert bad == []
+    assert e.engine.stats["ike_established"] == len(combos) and e.installer.sas == {}
+
+
+ESP_MATRIX = {"aes128gcm16": ("aes-gcm-16", 128, None), "aes256gcm16": ("aes-gcm-16", 256, None),
+              "aes128-sha256": ("aes-cbc", 128, "hmac-sha2-256-128"),
+              "aes256-sha256": ("aes-cbc", 256, "hmac-sha2-256-128"),
+              "aes128-sha1": ("aes-cbc", 128, "hmac-sha1-96"),
+              "aes256-sha1": ("aes-cbc", 256, "hmac-sha1-96")}
+
+
+def test_interop_matrix_esp_proposals_and_pfs_groups(topo):
+    _, cust, start = topo
+    e = start()
+    bad = []
+    # (aes256gcm16, aes128-sha256, aes256-sha1, aes128gcm16 are also negotiated by the tests above)
+    for esp, want in ESP_MATRIX.items():
+        if not FULL and esp not in ("aes256-sha256", "aes128-sha1"):
+            continue
+        proc, _, child = _up_down(cust, e, "--esp", esp)
+        got = child and (child.encr, child.encr_key_bits, child.integ)
+        if proc.returncode != 0 or got != want:
+            bad.append((esp, proc.returncode, got, proc.stderr[-400:]))
+    uri = f"unix:///tmp/swan-peer/{cust.name}/charon.vici"
+    for group, number in _DH.items():  # PFS on rekey with each group
+        proc = peer(cust, "--id-type", "fqdn", "--id", FQDN, "--esp", f"aes128gcm16-{group}")
+        if proc.returncode != 0:
+            bad.append((group, proc.stderr[-400:]))
+            continue
+        (first,) = e.installer.sas
+        peer_cmd(cust, "exec", "--", "swanctl", "--rekey", "--child", "net", "--uri", uri)
+        if not e.installer.wait_for(lambda sas, f=first: len(sas) == 1 and f not in sas, 10):
+            bad.append((group, "no rekey"))
+        else:
+            (new,) = e.installer.sas
+            (ike_sa,) = e.call(lambda: e.engine.established_sas())
+            if ike_sa.children[new].sel.dh != number:
+                bad.append((group, ike_sa.children[new].sel.dh))
+        peer_cmd(cust, "down")
+        e.installer.wait_for(lambda sas: not sas, 5)
+    assert bad == []
