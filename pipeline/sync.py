@@ -12,6 +12,10 @@ reconciling the installer with it, then watches from R + 1 and applies each even
 - a :class:`~pipeline.store.Resync` (the watch fell behind a compaction) is reconciled like the
   initial list: extra SPIs deleted, missing ones installed, changed ones replaced.
 
+When the store fails the sync (etcd unreachable beyond the client's retries, a watch that
+died), what is installed stays installed and the sync rebuilds from a fresh list as soon as the
+store answers again (back-off 0.2 s to 30 s; ``failures`` counts these).
+
 A record that does not decode (damaged, another fleet key, a newer format) or an installer
 that raises is counted under a named reason in ``drops`` and logged with the store key only;
 the sync carries on.
@@ -32,6 +36,7 @@ log = logging.getLogger(__name__)
 DROP_UNDECODABLE = "undecodable"      # the record does not decode (SchemaError)
 DROP_BAD_KEY = "bad_key"              # not a Child SA key, or its SPI differs from the record's
 DROP_INSTALL_FAILED = "install_failed"  # the installer raised
+RETRY_MIN_S, RETRY_MAX_S = 0.2, 30.0    # rebuild back-off after a store failure
 
 
 @dataclass
@@ -59,7 +64,8 @@ class SaSync:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._ready = threading.Event()
-        self.error: BaseException | None = None
+        self.error: BaseException | None = None   # the last store failure
+        self.failures = 0                           # store failures survived by rebuilding
 
     # --- one record ---------------------------------------------------------------------
     def _decode(self, rec_key: str, value: bytes):
@@ -169,26 +175,39 @@ class SaSync:
         return len(batch)
 
     def _run(self) -> None:
-        try:
-            self.rebuild()
-            self._ready.set()
-            while not self._stop.is_set():
-                self.step(0.5)
-        except WatchClosed:
-            pass
-        except StoreError as e:
-            self.error = e
-            log.error("%s stopped: %s", self.name, e)
-        finally:
-            self._ready.set()
+        delay = RETRY_MIN_S
+        while not self._stop.is_set():
+            try:
+                self.rebuild()
+                self._ready.set()
+                delay = RETRY_MIN_S
+                while not self._stop.is_set():
+                    self.step(0.5)
+                return
+            except WatchClosed as e:
+                if self._stop.is_set():
+                    return
+                self.error = e
+            except StoreError as e:
+                self.error = e
+            # The store failed us (etcd unreachable past its retries, a watch that died): keep
+            # what is installed, rebuild from a fresh list when the store answers again.
+            self.failures += 1
+            log.error("%s: %s; rebuilding from the store in %.1f s", self.name, self.error,
+                      delay)
+            self._stop.wait(delay)
+            delay = min(delay * 2, RETRY_MAX_S)
 
     def start(self, timeout: float = 30.0) -> SaSync:
-        """Rebuild and follow the store in a thread; returns once the rebuild is done."""
+        """Rebuild and follow the store in a thread; returns once the first rebuild is done
+        (StoreError if it did not succeed within ``timeout``)."""
         self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
         self._thread.start()
-        self._ready.wait(timeout)
-        if self.error is not None:
-            raise self.error
+        if not self._ready.wait(timeout):
+            err = self.error
+            self.stop()
+            raise StoreError(f"{self.name}: no rebuild from the store within {timeout} s"
+                             + (f" (last: {err})" if err else ""))
         return self
 
     def stop(self) -> None:

@@ -207,3 +207,35 @@ def test_two_processes_share_sqlite(tmp_path):
 
 
 FLEET_RAW = b"sync-test-fleet-key-0123456789abcdef-xyz"
+
+
+def test_sync_rebuilds_after_its_watch_dies(tmp_path):
+    """The watch under a running sync dies; changes made meanwhile arrive through a rebuild."""
+    path = tmp_path / "s.db"
+    with SqliteStore(path) as s:
+        a = SharedState(s, FLEET)
+        s1, s2 = child_sa(1), child_sa(2)
+        a.put_child_sa(s1)
+        inst = RecordingSaInstaller()
+        b = SaSync(SharedState(SqliteStore(path), FLEET), inst).start()
+        assert same(inst.sas, [s1])
+        b._watch.close()
+        a.put_child_sa(s2)
+        a.delete_child_sa("site-c", s1.spi_in)
+        assert inst.wait_for(lambda sas: same(sas, [s2]), 20)
+        assert b.failures == 1 and "closed" in str(b.error)
+        assert inst.events == [("install", s1.spi_in), ("install", s2.spi_in),
+                               ("delete", s1.spi_in)]
+        b.stop()
+        b.state.store.close()
+
+
+def test_start_fails_cleanly_when_the_store_is_unreachable(etcd_cluster):
+    from pipeline.store import StoreError
+    from pipeline.store.etcd import EtcdStore
+    dead = EtcdStore(["https://127.0.0.1:1"], tls=etcd_cluster.tls, retry_for=0.3, timeout=0.2)
+    sync = SaSync(SharedState(dead, FLEET), RecordingSaInstaller())
+    with pytest.raises(StoreError, match="no rebuild from the store within 1.0 s"):
+        sync.start(timeout=1.0)
+    assert sync.failures >= 1 and sync._thread is None
+    dead.close()
