@@ -525,3 +525,28 @@ def test_rekeyed_child_never_deleted_by_peer_is_removed_at_expiry():
     p.now = old.expire_at + 1
     p.resp.tick(p.now)
     assert old.spi_in not in r_sa.children and len(r_sa.children) == 1
+
+
+@pytest.mark.parametrize("attempt", range(4))
+def test_simultaneous_child_rekey_collision_leaves_one_pair(attempt):
+    """Both ends rekey the same Child SA at once (RFC 7296 2.8.1): requests cross, then the SA
+    from the exchange with the lowest nonce is deleted by its creator; one pair remains."""
+    p = Pair()
+    p.start(profile())
+    (r_sa,) = p.resp.established_sas()
+    (i_sa,) = p.init.established_sas()
+    old_r = next(iter(r_sa.children.values()))
+    old_i = next(iter(i_sa.children.values()))
+    (req_i,) = p.init.start(i_sa, ChildCreateTask(rekey=old_i, pfs_group=DhGroup.ECP_384), p.now)
+    (req_r,) = p.resp.start(r_sa, ChildCreateTask(rekey=old_r, pfs_group=DhGroup.ECP_384), p.now)
+    (resp_to_i,) = p.resp.handle(req_i.data, req_i.remote, req_i.local, p.now)
+    (resp_to_r,) = p.init.handle(req_r.data, req_r.remote, req_r.local, p.now)
+    # each side now gets the answer to its own request (and the DELETEs that follow run on)
+    p.deliver_from_i(p.init.handle(resp_to_i.data, resp_to_i.remote, resp_to_i.local, p.now))
+    p.deliver_from_r(p.resp.handle(resp_to_r.data, resp_to_r.remote, resp_to_r.local, p.now))
+    r, i = _check_pair(p)  # exactly one installed pair on each side, matching keys
+    assert r.spi_in not in (old_r.spi_in,) and set(r_sa.children) == {r.spi_in}
+    assert set(i_sa.children) == {i.spi_in}
+    lost = p.resp.stats["rekey_collision_lost"] + p.init.stats["rekey_collision_lost"]
+    won = p.resp.stats["rekey_collision_won"] + p.init.stats["rekey_collision_won"]
+    assert (lost, won) == (1, 1)

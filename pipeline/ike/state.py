@@ -84,6 +84,7 @@ class ChildSa:
     initiator: bool  # we were the initiator of the exchange that created it
     rekeyed: bool = False
     rekey_pending: bool = False
+    collision_nonce: bytes = field(default=b"", repr=False)  # lowest nonce of the peer's rekey
     bytes_in: int = 0
     bytes_out: int = 0
 

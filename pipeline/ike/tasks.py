@@ -533,12 +533,22 @@ class ChildCreateTask(Task):
         tsr = _need(payloads, PayloadType.TSR)
         offer = ChildOffer(sel, self.spi_in, tsi.selectors, tsr.selectors)
         child = _make_child(ctx, sa, offer, _spi_int(sel.spi), self.ni, nonce.data, g_ir, True)
-        if self.rekey is not None:
-            ctx.replace_child(sa, self.rekey, child)
-            sa.queue.append(InformationalTask(
-                [DeletePayload(ProtocolId.ESP, [self.rekey.spi_in.to_bytes(4, "big")])]))
-        else:
+        if self.rekey is None:
             ctx.add_child(sa, child)
+            return
+        old = self.rekey
+        if old.rekeyed and old.collision_nonce:
+            # Both ends rekeyed the same SA at once (RFC 7296 section 2.8.1): the SA created by
+            # the exchange holding the lowest of the four nonces is deleted by its creator.
+            if min(self.ni, nonce.data) < old.collision_nonce:
+                ctx.stats["rekey_collision_lost"] += 1
+                sa.queue.append(InformationalTask(
+                    [DeletePayload(ProtocolId.ESP, [child.spi_in.to_bytes(4, "big")])]))
+                return
+            ctx.stats["rekey_collision_won"] += 1
+        ctx.replace_child(sa, old, child)
+        sa.queue.append(InformationalTask(
+            [DeletePayload(ProtocolId.ESP, [old.spi_in.to_bytes(4, "big")])]))
 
     def process_r(self, ctx, sa, payloads):
         rekey = _notify(payloads, Notify.REKEY_SA)
@@ -562,6 +572,8 @@ class ChildCreateTask(Task):
         self.ni, self.nr = nonce.data, os.urandom(NONCE_SIZE)
         self.child = _make_child(ctx, sa, self.offer, _spi_int(self.offer.sel.spi), self.ni,
                                  self.nr, g_ir, False)
+        if self.rekey is not None:
+            self.rekey.collision_nonce = min(self.ni, self.nr)  # see process_i (RFC 7296 2.8.1)
 
     def build_r(self, ctx, sa):
         out: list[Payload] = [
