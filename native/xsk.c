@@ -18,6 +18,10 @@
 #include <xdp/xsk.h>
 
 #define NATT_TUNNELS 65536
+/* binding a queue whose previous socket was closed a moment ago fails with EBUSY until the kernel's
+ * deferred release has run: retry for up to a second */
+#define BUSY_RETRIES 100
+#define BUSY_WAIT_US 10000
 #define NATT_VALID (1ULL << 63)
 
 struct rx_sock {
@@ -105,6 +109,15 @@ struct xt_xsk *xt_xsk_new(const struct xt_xsk_config *cfg, char *err, size_t err
         free(x);
         return NULL;
     }
+    for (unsigned i = 0; i < cfg->n_rx; i++) {
+        if (strncmp(cfg->tx_ifname, cfg->rx_ifname[i], XT_XSK_IFNAMSIZ) == 0) {
+            char name[XT_XSK_IFNAMSIZ + 1] = {0};
+            memcpy(name, cfg->tx_ifname, XT_XSK_IFNAMSIZ);
+            errf(err, errlen, "%s: the TX device must not be an RX device (%s)", name, EINVAL);
+            free(x);
+            return NULL;
+        }
+    }
     x->esp = (struct xt_esp_worker *)cfg->esp_worker;
     x->decrypt = (batch_fn)cfg->esp_decrypt;
     x->encrypt = (batch_fn)cfg->esp_encrypt;
@@ -150,11 +163,17 @@ struct xt_xsk *xt_xsk_new(const struct xt_xsk_config *cfg, char *err, size_t err
         char name[XT_XSK_IFNAMSIZ + 1] = {0};
         memcpy(name, cfg->rx_ifname[i], XT_XSK_IFNAMSIZ);
         struct rx_sock *s = &x->rx[i];
-        if (i == 0)
-            rc = xsk_socket__create(&s->xsk, name, cfg->rx_queue[i], x->umem, &s->rx, NULL, &scfg);
-        else
-            rc = xsk_socket__create_shared(&s->xsk, name, cfg->rx_queue[i], x->umem, &s->rx, NULL,
-                                           &s->fill, &s->comp, &scfg);
+        for (int tries = 0; tries < BUSY_RETRIES; tries++) {
+            if (i == 0)
+                rc = xsk_socket__create(&s->xsk, name, cfg->rx_queue[i], x->umem, &s->rx, NULL,
+                                        &scfg);
+            else
+                rc = xsk_socket__create_shared(&s->xsk, name, cfg->rx_queue[i], x->umem, &s->rx,
+                                               NULL, &s->fill, &s->comp, &scfg);
+            if (rc != -EBUSY)
+                break;
+            usleep(BUSY_WAIT_US); /* a socket closed just before is released by deferred work */
+        }
         if (rc) {
             s->xsk = NULL;
             errf(err, errlen, "%s: AF_XDP RX socket: %s", name, -rc);
@@ -165,15 +184,13 @@ struct xt_xsk *xt_xsk_new(const struct xt_xsk_config *cfg, char *err, size_t err
     {
         char name[XT_XSK_IFNAMSIZ + 1] = {0};
         memcpy(name, cfg->tx_ifname, XT_XSK_IFNAMSIZ);
-        for (unsigned i = 0; i < x->n_rx; i++) {
-            if (strncmp(name, cfg->rx_ifname[i], XT_XSK_IFNAMSIZ) == 0) {
-                errf(err, errlen, "%s: the TX device must not be an RX device (%s)", name, EINVAL);
-                xt_xsk_free(x);
-                return NULL;
-            }
+        for (int tries = 0; tries < BUSY_RETRIES; tries++) {
+            rc = xsk_socket__create_shared(&x->tx_xsk, name, 0, x->umem, NULL, &x->tx,
+                                           &x->tx_fill, &x->tx_comp, &scfg);
+            if (rc != -EBUSY)
+                break;
+            usleep(BUSY_WAIT_US);
         }
-        rc = xsk_socket__create_shared(&x->tx_xsk, name, 0, x->umem, NULL, &x->tx, &x->tx_fill,
-                                       &x->tx_comp, &scfg);
         if (rc) {
             x->tx_xsk = NULL;
             errf(err, errlen, "%s: AF_XDP TX socket: %s", name, -rc);
