@@ -218,3 +218,16 @@ def test_notify_delete_roundtrip_and_repr():
     with pytest.raises(IkeProtocolError):
         DeletePayload.parse(bytes.fromhex("03040002c0ffee01"))
     assert "REKEY_SA" in repr(n)
+
+
+def test_higher_major_version_gets_invalid_major_version():
+    m = bytearray(Message(b"\x05" * 8, bytes(8), ExchangeType.IKE_SA_INIT, Flag.INITIATOR, 0,
+                          [NoncePayload(b"n" * 16)]).serialize())
+    m[17] = 0x30
+    eng = IkeEngine(TunnelDirectory([], "example.net"), RecordingSaInstaller())
+    (out,) = eng.handle(bytes(m), ("192.0.2.1", 500), ("198.51.100.2", 500), 0.0)
+    resp = Message.parse(out.data)
+    assert out.data[17] == 0x20 and resp.flags == Flag.RESPONSE and resp.spi_i == b"\x05" * 8
+    assert [n.notify for n in resp.notifies()] == [Notify.INVALID_MAJOR_VERSION]
+    m[19] = Flag.RESPONSE  # never answer a response
+    assert eng.handle(bytes(m), ("192.0.2.1", 500), ("198.51.100.2", 500), 0.0) == []

@@ -227,8 +227,14 @@ class IkeEngine:
         try:
             msg = Message.parse(data)
         except IkeProtocolError as exc:
-            if exc.notify == Notify.INVALID_MAJOR_VERSION and len(data) >= 28:
-                self.stats["drop_major_version"] += 1
+            if (exc.notify == Notify.INVALID_MAJOR_VERSION and data[18] == ExchangeType.IKE_SA_INIT
+                    and not data[19] & Flag.RESPONSE):
+                # RFC 7296 section 2.5: answer with the version we speak in the header.
+                self.stats["invalid_major_version_answered"] += 1
+                m = Message(data[0:8], data[8:16], ExchangeType.IKE_SA_INIT, Flag.RESPONSE,
+                            int.from_bytes(data[20:24], "big"),
+                            [NotifyPayload(Notify.INVALID_MAJOR_VERSION)])
+                return [Datagram(m.serialize(), local, remote)]
             raise
         if msg.exchange == ExchangeType.IKE_SA_INIT and not msg.is_response:
             return self._init_request(msg, local, remote)
