@@ -184,7 +184,7 @@ class IkeInitTask(Task):
         self.peer_frag = False
         self.peer_natd = False
         if profile is not None:
-            first_dh = next(t.id for t in profile.ike_proposals[0].transforms if t.type == 4)
+            first_dh = next(t.id for t in profile.ike_proposals[0].transforms if t.type == TransformType.DH)
             self.group = profile.ke_group or first_dh
 
     # -- initiator
@@ -215,7 +215,7 @@ class IkeInitTask(Task):
         invalid_ke = _notify(payloads, Notify.INVALID_KE_PAYLOAD)
         if invalid_ke is not None and len(invalid_ke.data) == 2:
             group = int.from_bytes(invalid_ke.data, "big")
-            offered = {t.id for p in self.profile.ike_proposals for t in p.transforms if t.type == 4}
+            offered = {t.id for p in self.profile.ike_proposals for t in p.transforms if t.type == TransformType.DH}
             if group in offered and group != self.group:
                 self.group = group
                 raise Retry()
@@ -362,7 +362,7 @@ class IkeAuthTask(Task):
         p = self.profile
         sa.tunnel = p.tunnel
         idi = IdPayload(PayloadType.IDI, p.id_type, p.id_data)
-        auth = psk_auth(sa.prf, p.tunnel.psk, sa.init_request, sa.nr, sa.keys.sk_pi, idi.body())
+        auth = psk_auth(sa.prf, p.tunnel.psk_bytes, sa.init_request, sa.nr, sa.keys.sk_pi, idi.body())
         self.spi_in = ctx.allocate_child_spi()
         spi = self.spi_in.to_bytes(4, "big")
         props = [Proposal(i + 1, pr.protocol, spi, pr.transforms)
@@ -382,7 +382,7 @@ class IkeAuthTask(Task):
             raise IkeProtocolError(Notify.AUTHENTICATION_FAILED, "peer refused our authentication")
         idr = _need(payloads, PayloadType.IDR)
         auth = _need(payloads, PayloadType.AUTH)
-        expected = psk_auth(sa.prf, sa.tunnel.psk, sa.init_response, sa.ni, sa.keys.sk_pr,
+        expected = psk_auth(sa.prf, sa.tunnel.psk_bytes, sa.init_response, sa.ni, sa.keys.sk_pr,
                             idr.body())
         if auth.method != AuthMethod.SHARED_KEY_MIC or not hmac.compare_digest(expected, auth.data):
             raise IkeProtocolError(Notify.AUTHENTICATION_FAILED, "responder AUTH mismatch")
@@ -408,7 +408,7 @@ class IkeAuthTask(Task):
             self.destroy_after_response = True
             ctx.stats["auth_unknown_id"] += 1
             raise IkeProtocolError(Notify.AUTHENTICATION_FAILED, "unknown identity")
-        expected = psk_auth(sa.prf, tunnel.psk, sa.init_request, sa.nr, sa.keys.sk_pi, idi.body())
+        expected = psk_auth(sa.prf, tunnel.psk_bytes, sa.init_request, sa.nr, sa.keys.sk_pi, idi.body())
         if auth.method != AuthMethod.SHARED_KEY_MIC or not hmac.compare_digest(expected, auth.data):
             self.destroy_after_response = True
             ctx.stats["auth_failed"] += 1
@@ -431,7 +431,7 @@ class IkeAuthTask(Task):
     def build_r(self, ctx, sa):
         id_type, id_data = ctx.directory.edge_id(sa.tunnel)
         idr = IdPayload(PayloadType.IDR, id_type, id_data)
-        auth = psk_auth(sa.prf, sa.tunnel.psk, sa.init_response, sa.ni, sa.keys.sk_pr, idr.body())
+        auth = psk_auth(sa.prf, sa.tunnel.psk_bytes, sa.init_response, sa.ni, sa.keys.sk_pr, idr.body())
         out: list[Payload] = [idr, AuthPayload(AuthMethod.SHARED_KEY_MIC, auth)]
         if self.child is not None:
             out += [SaPayload([self.offer.sel.to_proposal(self.offer.spi_in.to_bytes(4, "big"))]),

@@ -15,6 +15,7 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 
+from ..secret import Secret
 from .constants import IdType
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ class IkeTunnel:
     account_id: str
     edge_endpoint: str
     customer_endpoint: str | None = None
-    psk: bytes = field(default=b"", repr=False)
+    psk: bytes | Secret = field(default=b"", repr=False)
     allow_null_cipher: bool = False
     replay_protection: bool = True
     replay_window: int = 64
@@ -46,6 +47,11 @@ class IkeTunnel:
         if not CHILD_LIFETIME_MIN <= self.child_lifetime <= CHILD_LIFETIME_MAX:
             raise ValueError(f"tunnel {self.name}: child_lifetime {self.child_lifetime} outside "
                              f"{CHILD_LIFETIME_MIN}..{CHILD_LIFETIME_MAX} seconds")
+
+    @property
+    def psk_bytes(self) -> bytes:
+        """The PSK for the PRF. Never log or print it."""
+        return self.psk.reveal() if isinstance(self.psk, Secret) else self.psk
 
     def fqdn(self, domain: str) -> str:
         return f"{self.tunnel_id}.{self.account_id}.ipsec.{domain}".lower()
@@ -96,3 +102,20 @@ def _text(data: bytes) -> str | None:
         return data.decode("ascii").lower().rstrip(".")
     except UnicodeDecodeError:
         return None
+
+
+def from_config(cfg) -> TunnelDirectory:
+    """Adapt a loaded ``pipeline.config.Config`` (its IPsec tunnels and node domain)."""
+    tunnels = [
+        IkeTunnel(
+            name=t.name, tunnel_id=t.id, account_id=t.account_id,
+            edge_endpoint=str(t.edge_endpoint),
+            customer_endpoint=str(t.customer_endpoint) if t.customer_endpoint else None,
+            psk=t.psk, allow_null_cipher=t.allow_null_cipher,
+            replay_protection=t.replay_protection, ike_lifetime=t.ike_lifetime,
+            child_lifetime=t.child_lifetime, dpd_interval=t.dpd_interval,
+            dpd_timeout=t.dpd_timeout,
+        )
+        for t in cfg.ipsec_tunnels
+    ]
+    return TunnelDirectory(tunnels, cfg.node.ipsec_domain)
