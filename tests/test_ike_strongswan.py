@@ -466,3 +466,25 @@ def test_interop_matrix_esp_proposals_and_pfs_groups(topo):
         peer_cmd(cust, "down")
         e.installer.wait_for(lambda sas: not sas, 5)
     assert bad == []
+
+
+def test_edge_rekeys_ike_sa_then_deletes_child(topo):
+    from pipeline.ike.constants import ProtocolId
+    from pipeline.ike.payloads import DeletePayload
+    from pipeline.ike.tasks import IkeRekeyTask, InformationalTask
+
+    _, cust, start = topo
+    e = start()
+    assert peer(cust, "--id-type", "fqdn", "--id", FQDN).returncode == 0
+    (child,) = e.installer.sas.values()
+    (old,) = e.call(lambda: e.engine.established_sas())
+    e.call(lambda: e.server.send(e.engine.start(old, IkeRekeyTask(), e.server.clock())))
+    assert _wait(lambda: e.engine.stats["ike_rekeyed"] == 1 and len(e.engine.sas) == 1, 10)
+    (new,) = e.call(lambda: e.engine.established_sas())
+    assert new.initiator and new.spi_i != old.spi_i and list(new.children) == [child.spi_in]
+    assert _wait(lambda: new.spi_i.hex() in peer_cmd(cust, "status").stdout, 5)
+    e.call(lambda: e.server.send(e.engine.start(new, InformationalTask(
+        [DeletePayload(ProtocolId.ESP, [child.spi_in.to_bytes(4, "big")])]), e.server.clock())))
+    assert e.installer.wait_for(lambda sas: not sas, 5)
+    assert _wait(lambda: f"{child.spi_out:08x}" not in peer_cmd(cust, "status").stdout, 5)
+    assert "ESTABLISHED" in peer_cmd(cust, "status").stdout  # the IKE SA stays
