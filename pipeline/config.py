@@ -45,7 +45,7 @@ __all__ = [
     "Interface", "IpsecTunnel", "Node", "Route", "SqliteState", "load", "loads",
 ]
 
-# --- limits and defaults (one place, so the docs, the checks and the tests agree) ------------------
+# --- limits and defaults (one place, so the docs, the checks and the tests agree) -------------
 INDEX_MIN, INDEX_MAX = 1, 65535
 TTL_MIN, TTL_MAX, TTL_DEFAULT = 1, 255, 64
 MTU_MIN, MTU_MAX = 576, 9000
@@ -75,7 +75,7 @@ BACKENDS = ("sqlite", "etcd")
 # --- errors ------------------------------------------------------------------------------------
 
 class ConfigError(ValueError):
-    """One problem in a config file: ``file: field: message`` (field is None for file-level ones)."""
+    """One problem in a config file: ``file: field: message`` (field None: file-level)."""
 
     def __init__(self, file: str, field: str | None, message: str) -> None:
         self.file = file
@@ -98,7 +98,7 @@ class ConfigError(ValueError):
 
 
 class ConfigErrors(ConfigError):
-    """Several problems; ``.file``/``.field``/``.message`` are those of the first, ``.errors`` all."""
+    """Several problems: ``.file``/``.field``/``.message`` of the first, ``.errors`` all."""
 
     def __init__(self, errors: Iterable[ConfigError]) -> None:
         self._errors = tuple(errors)
@@ -170,7 +170,7 @@ class IpsecTunnel:
     id: str
     account_id: str
     index: int
-    customer_endpoint: IPv4Address | None   # None: the router is behind NAT or has a dynamic address
+    customer_endpoint: IPv4Address | None   # None: the router is behind NAT or dynamic
     edge_endpoint: IPv4Address
     interface_address: IPv4Interface
     psk: Secret
@@ -547,7 +547,8 @@ def _read_node(ctx: _Ctx, v: Any) -> Node | None:
                 interfaces.append(Interface(ifname, role, mode))
             else:
                 t.ok = False
-        if len(interfaces) == len(tables) and interfaces and not any(i.role in ("internet", "both") for i in interfaces):
+        all_ok = bool(interfaces) and len(interfaces) == len(tables)
+        if all_ok and not any(i.role in ("internet", "both") for i in interfaces):
             t.error("interfaces", "no interface faces the internet (role \"internet\" or "
                                   "\"both\"): tunnels could not arrive")
     t.finish()

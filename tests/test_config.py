@@ -418,7 +418,8 @@ CASES = [
     (_set(I + "ike_lifetime", 86401), IF + "ike_lifetime",
      "must be between 1800 and 86400, got 86401"),
     (_set(I + "dpd_interval", 3601), IF + "dpd_interval", "must be between 0 and 3600, got 3601"),
-    (_set(I + "dpd_timeout", 30), IF + "dpd_timeout", "must be longer than dpd_interval (30), got 30"),
+    (_set(I + "dpd_timeout", 30), IF + "dpd_timeout",
+     "must be longer than dpd_interval (30), got 30"),
     (_set(I + "mtu", 1400), IF + "mtu", None),     # valid: mss default 1360 = 1400 - 40
     (_set(I + "psk_file", None), IF + "psk_file",
      "set exactly one of psk_file or psk_env (neither is set)"),
@@ -570,7 +571,8 @@ def test_all_errors_are_collected(write):
         (IF + "psk_file", "set exactly one of psk_file or psk_env (neither is set)"),
         ("routes[1].tunnel", "unknown tunnel 'ghost' (tunnels: site-a, site-b)"),
     ]
-    assert (e.file, e.field, e.message) == (str(p), "node.id", "must be between 0 and 65535, got -1")
+    assert (e.file, e.field, e.message) == (str(p), "node.id",
+                                            "must be between 0 and 65535, got -1")
     assert str(e).splitlines() == [str(x) for x in e.errors]
     assert isinstance(e, C.ConfigError)
     again = pickle.loads(pickle.dumps(e))

@@ -191,7 +191,8 @@ def test_bpf_jit_missing(tmp_path):
 def test_af_xdp_unknown_family_fails():
     r = d.check_af_xdp(family=250)
     assert r.status is d.Status.FAIL
-    assert r.detail == "socket(family 250, SOCK_RAW) failed: Address family not supported by protocol"
+    assert r.detail == ("socket(family 250, SOCK_RAW) failed: "
+                        "Address family not supported by protocol")
     assert r.fix == "use a kernel built with CONFIG_XDP_SOCKETS=y"
 
 
