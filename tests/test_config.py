@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from pipeline import config as C
 from pipeline.cli import cli
@@ -751,3 +753,55 @@ def test_cli_subprocess_real_console_script(write):
         f"{p}: node.tunnel_endpoints: item 1: not an IPv4 address: '192.0.2.256'",
         f"{p}: 1 error"]
     assert PSK not in bad.stdout + bad.stderr
+
+
+# --- robustness: any mutation gives a config or a ConfigError, never another exception ---------
+
+def _paths(d, prefix=()):
+    for k, v in d.items():
+        yield (*prefix, k)
+        if isinstance(v, dict):
+            yield from _paths(v, (*prefix, k))
+        elif _is_aot(v):
+            for i, item in enumerate(v):
+                yield from _paths(item, (*prefix, k, i))
+
+
+_PATHS = list(_paths(BASE))
+_scalars = st.one_of(st.integers(-2**70, 2**70), st.booleans(), st.text(max_size=20),
+                     st.floats(allow_nan=False), st.sampled_from(
+                         ["10.0.0.1", "10.0.0.1/31", "::/0", "192.0.2.1", "site-a", "eth0"]))
+_values = st.one_of(_scalars, st.lists(_scalars, max_size=4),
+                    st.dictionaries(st.text(min_size=1, max_size=8), _scalars, max_size=3))
+
+
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(edits=st.lists(st.tuples(st.sampled_from(_PATHS), st.text(max_size=6) | st.none(),
+                                _values | st.none()), min_size=1, max_size=4))
+def test_mutations_never_crash(tmp_path, edits):
+    (tmp_path / "site-b.psk").write_text(PSK)
+    d = base()
+    for path, new_key, value in edits:
+        parent = d
+        try:
+            for p in path[:-1]:
+                parent = parent[p]
+        except (KeyError, IndexError, TypeError):
+            continue            # an earlier edit replaced this part of the tree
+        if not isinstance(parent, dict):
+            continue
+        key = path[-1] if new_key is None else new_key or path[-1]
+        if value is None:
+            parent.pop(key, None)
+        else:
+            parent[key] = value
+    p = tmp_path / "fuzz.toml"
+    p.write_text(dump(d))
+    try:
+        cfg = C.load(p, env={})
+    except C.ConfigError as e:
+        assert e.errors and all(x.file == str(p) for x in e.errors)
+        assert PSK not in str(e)
+    else:
+        assert PSK not in repr(cfg)
