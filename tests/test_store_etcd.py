@@ -190,3 +190,46 @@ def test_list_paginates_at_one_revision(cl, p):
         assert listing.revision == at
         assert [(r.key, r.mod_revision) for r in listing.records] == created
         assert listing.records[0].value == b"v000"
+
+
+# --- a node's SaSync through member failures -----------------------------------------------
+@pytest.mark.parametrize("failure", ["kill", "freeze"])
+def test_sa_sync_survives_member_failure(cl, failure):
+    """Node B's SaSync watches through the member that is then killed / frozen; the SAs node A
+    installs, rekeys and deletes meanwhile reach B's installer exactly once each, in order."""
+    from test_store_schema import child_sa
+
+    from pipeline.sa import RecordingSaInstaller
+    from pipeline.store.crypto import FleetKey
+    from pipeline.store.schema import Layout, SharedState
+    from pipeline.sync import SaSync
+
+    fleet = FleetKey(b"etcd-failure-fleet-key-0123456789abcdef")
+    layout = Layout(f"/syncfail{next(_counter)}/")
+    victim = follower(cl)
+    a = SharedState(cl.client([e for i, e in enumerate(cl.endpoints) if i != victim]), fleet,
+                    layout, node=1)
+    inst = RecordingSaInstaller()
+    b = SaSync(SharedState(cl.client(order(cl, victim)), fleet, layout), inst).start()
+    sas = [child_sa(i) for i in range(25)]
+    for sa in sas[:10]:
+        a.put_child_sa(sa)
+    assert inst.wait_for(lambda s: len(s) == 10, 20)
+    assert b._watch.endpoint == cl.endpoints[victim].removeprefix("https://")
+    (cl.kill if failure == "kill" else cl.freeze)(victim)
+    for sa in sas[10:20]:
+        a.put_child_sa(sa)
+    for old, new in zip(sas[:3], sas[20:23], strict=True):
+        a.rekey_child_sa(old.spi_in, new)
+    for sa in sas[3:5]:
+        a.delete_child_sa(sa.tunnel_name, sa.spi_in)
+    final = {sa.spi_in: sa for sa in sas[5:23]}
+    assert inst.wait_for(lambda s: s == final, 30)
+    assert inst.events == (
+        [("install", sa.spi_in) for sa in sas[:20]]
+        + [("replace", sa.spi_in) for sa in sas[20:23]]
+        + [("delete", sa.spi_in) for sa in sas[3:5]])
+    assert b._watch.reconnects >= 1 and b.failures == 0 and not b.drops
+    b.stop()
+    b.state.store.close()
+    a.store.close()
