@@ -148,6 +148,7 @@ class GreTunnel:
     mtu: int = GRE_MTU_DEFAULT
     mss: int = GRE_MSS_DEFAULT
     index_configured: bool = True   # False when the loader assigned the index
+    description: str = ""
 
 
 @dataclass(frozen=True)
@@ -186,6 +187,7 @@ class IpsecTunnel:
     dpd_interval: int = DPD_INTERVAL_DEFAULT   # seconds; 0 disables dead peer detection
     dpd_timeout: int = DPD_TIMEOUT_DEFAULT
     index_configured: bool = True
+    description: str = ""
 
 
 Tunnel = GreTunnel | IpsecTunnel
@@ -295,6 +297,15 @@ def _str(v: Any) -> str:
         raise _Invalid(f"expected a string, got {_show(v)}")
     if not v.strip():
         raise _Invalid("must not be empty")
+    return v
+
+
+def _text(v: Any) -> str:
+    """Free text for people (may be empty), one line."""
+    if not isinstance(v, str):
+        raise _Invalid(f"expected a string, got {_show(v)}")
+    if len(v) > 255 or any(c in v for c in "\r\n\0"):
+        raise _Invalid("must be one line of at most 255 characters")
     return v
 
 
@@ -636,12 +647,23 @@ _INLINE_PSK = ("inline keys are not accepted (they end up in backups, diffs and 
                "put the key in a file (psk_file) or an environment variable (psk_env)")
 
 
+# Names hosted transit APIs use for the same fields: say what this file calls them.
+_HOSTED_NAMES = {
+    "cloudflare_endpoint": "this file calls it edge_endpoint",
+    "cloudflare_gre_endpoint": "this file calls it edge_endpoint",
+    "customer_gre_endpoint": "this file calls it customer_endpoint",
+    "customer_ipsec_endpoint": "this file calls it customer_endpoint",
+    "name": "the tunnel's name is its table name: [tunnels.<kind>.<name>]",
+}
+
+
 def _read_gre(t: _Table, name: str) -> dict[str, Any] | None:
     f = {"name": name, "id": t.get("id", _str),
          "customer_endpoint": t.get("customer_endpoint", _ipv4),
          "key": t.get("key", _int(0, 2**32 - 1), None)}
     f.update(_common_tunnel_fields(t, GRE_MTU_DEFAULT, GRE_MSS_DEFAULT))
-    t.finish()
+    f["description"] = t.get("description", _text, "")
+    t.finish(_HOSTED_NAMES)
     return f if t.ok else None
 
 
@@ -650,6 +672,7 @@ def _read_ipsec(t: _Table, name: str) -> dict[str, Any] | None:
          "account_id": t.get("account_id", _label),
          "customer_endpoint": t.get("customer_endpoint", _ipv4, None)}
     f.update(_common_tunnel_fields(t, IPSEC_MTU_DEFAULT, IPSEC_MSS_DEFAULT))
+    f["description"] = t.get("description", _text, "")
     psk = _read_psk(t)
     f["allow_null_cipher"] = t.get("allow_null_cipher", _bool, False)
     f["replay_protection"] = t.get("replay_protection", _bool, False)
@@ -662,7 +685,7 @@ def _read_ipsec(t: _Table, name: str) -> dict[str, Any] | None:
     if interval is not _BAD and timeout is not _BAD and interval and timeout <= interval:
         t.error("dpd_timeout", f"must be longer than dpd_interval ({interval}), got {timeout}")
     f["dpd_interval"], f["dpd_timeout"] = interval, timeout
-    t.finish({"psk": _INLINE_PSK})
+    t.finish({"psk": _INLINE_PSK, **_HOSTED_NAMES})
     if not t.ok or psk is None:
         return None
     f["psk"], f["psk_source"] = psk

@@ -130,7 +130,7 @@ def test_edge_example_loads_exact_values():
         name="site-a", id="c4a7362d577a6c3019a474fd6f485821", index=1,
         customer_endpoint=IPv4Address("198.51.100.10"), edge_endpoint=IPv4Address("192.0.2.1"),
         interface_address=IPv4Interface("10.200.0.0/31"), key=42, ttl=64, mtu=1476, mss=1436,
-        index_configured=True)
+        index_configured=True, description="Site A, primary router")
     (ips,) = cfg.ipsec_tunnels
     assert ips.psk.reveal() == EDGE_PSK      # trailing newline of the file stripped
     assert ips.psk_source == f"file:{EXAMPLES / 'keys' / 'site-b.psk'}"
@@ -221,6 +221,16 @@ def test_fleet_key_readable_by_others_is_refused_like_the_store_does(etcd_exampl
         "state.fleet_key_file",
         (f"fleet key file '{key}' has mode 0644: it must be readable by its owner only "
         f"(chmod 600 '{key}')"))
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in EXAMPLES.glob("*.toml")))
+def test_every_example_is_valid(tmp_path, name):
+    """Every shipped example loads (etcd.toml once its fleet key is owner-only, as it says)."""
+    ex = tmp_path / "examples"
+    shutil.copytree(EXAMPLES, ex)
+    (ex / "keys" / "fleet.key").chmod(0o600)
+    cfg = C.load(ex / name, env={"SITE_C_PSK": PSK})
+    assert cfg.node.interfaces
 
 
 def test_generated_base_defaults(write):
@@ -369,6 +379,10 @@ CASES = [
     (_set(I + "replay_protect", True), IF + "replay_protect",
      "unknown key (did you mean 'replay_protection'?)"),
     (_set("tunnels/l2tp", {}), "tunnels.l2tp", "unknown key; known keys: gre, ipsec"),
+    (_set(G + "cloudflare_gre_endpoint", "192.0.2.1"), GF + "cloudflare_gre_endpoint",
+     "this file calls it edge_endpoint"),
+    (_set(I + "name", "site-b"), IF + "name",
+     "the tunnel's name is its table name: [tunnels.<kind>.<name>]"),
     (_set("routes/0/weight", 5), "routes[0].weight",
      "unknown key; known keys: prefix, priority, tunnel"),
     # GRE fields
@@ -380,6 +394,10 @@ CASES = [
      "not an IPv4 address: '2001:db8::1'"),
     (_set(G + "customer_endpoint", None), GF + "customer_endpoint", "missing (required)"),
     (_set(G + "id", None), GF + "id", "missing (required)"),
+    (_set(G + "description", "two\nlines"), GF + "description",
+     "must be one line of at most 255 characters"),
+    (_set(I + "description", 7), IF + "description", "expected a string, got integer 7"),
+    (_set(I + "description", ""), None, None),
     (_set(G + "id", " "), GF + "id", "must not be empty"),
     (_set(G + "edge_endpoint", "192.0.2.9"), GF + "edge_endpoint",
      "192.0.2.9 is not one of node.tunnel_endpoints (192.0.2.1, 192.0.2.2)"),
