@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ipaddress
 import json
+import struct
 import sys
 import time
 from collections.abc import Sequence
@@ -41,6 +43,8 @@ CUSTOMER_HOST = "198.51.100.10"  # behind the customer router (TEST-NET-2)
 CUSTOMER_PREFIX = "100.64.0.0/24"  # routed to the tunnel (encap)
 CUSTOMER_DST = "100.64.0.10"
 INTERNET_HOST = rates.BENCH_DST  # 198.18.0.1, routed to the sink
+XT_KIND_GRE, XT_TUN_F_KEY = 1, 0x1  # bpf/consts.h
+EDGE_SRC = lg.BPF_DIR / "xdp_edge.c"
 TUNNEL_MSS = 1436
 TUNNEL_MTU = 1476
 SIZES = (64, 1400)
@@ -73,13 +77,67 @@ def prepare(topo: rates.Topology) -> None:
     topo.dut.add_route(f"{CUSTOMER}/32", gateway=rates.SINK_IP)
 
 
+def _be32(addr_or_int) -> int:
+    """A value whose in-memory bytes are the network-order bytes (for __be32 map fields)."""
+    raw = (ipaddress.IPv4Address(addr_or_int).packed if isinstance(addr_or_int, str)
+           else int(addr_or_int).to_bytes(4, "big"))
+    return struct.unpack("=I", raw)[0]
+
+
+def _compile_edge():
+    from bcc import BPF
+
+    from pipeline.xdp.source import amalgamate
+    src = EDGE_SRC
+    try:
+        return BPF(text=amalgamate(src).encode(), cflags=[f"-I{src.parent}"])
+    except Exception as exc:
+        raise rates.BenchError(f"compiling {src.name}: {exc}") from exc
+
+
+def fill_direct(bpf, tunnel: int = 1) -> None:
+    """One keyed GRE tunnel written straight into the data plane's maps (layouts from
+    bpf/structs.h), for as long as pipeline/xdp/dataplane.py (the product's loader) is not there
+    to do it from a configuration."""
+    ep = bpf[b"xt_endpoints"]
+    ep[ep.Key(_be32(EDGE_ENDPOINT))] = ep.Leaf(1)
+    dec = bpf[b"xt_gre_decap"]
+    k = dec.Key()
+    k.edge, k.customer, k.key, k.has_key = (_be32(EDGE_ENDPOINT), _be32(CUSTOMER),
+                                            _be32(GRE_KEY), 1)
+    dec[k] = dec.Leaf(tunnel)
+    tun = bpf[b"xt_tunnels"]
+    t = tun.Leaf()
+    t.kind, t.flags = XT_KIND_GRE, XT_TUN_F_KEY
+    t.edge, t.customer, t.key = _be32(EDGE_ENDPOINT), _be32(CUSTOMER), _be32(GRE_KEY)
+    t.mtu, t.mss, t.ttl = TUNNEL_MTU, TUNNEL_MSS, 64
+    tun[tun.Key(tunnel)] = t
+    r4 = bpf[b"xt_routes4"]
+    net = ipaddress.IPv4Network(CUSTOMER_PREFIX)
+    rk = r4.Key()
+    rk.prefixlen = net.prefixlen
+    for i, b in enumerate(net.network_address.packed):
+        rk.addr[i] = b
+    rv = r4.Leaf()
+    rv.count = 1
+    rv.tunnels[0] = tunnel
+    r4[rk] = rv
+
+
 @contextlib.contextmanager
 def gre_plug(topo: rates.Topology, mode: str = "native"):
-    """Attach the product's data plane (bpf/xdp_edge.c through pipeline.xdp.dataplane) to the
-    DUT with one keyed GRE tunnel: edge EDGE_ENDPOINT, customer CUSTOMER, key GRE_KEY, prefix
-    CUSTOMER_PREFIX, MTU 1476, MSS 1436."""
-    raise rates.BenchError("the GRE data plane (pipeline/xdp/dataplane.py) is not available yet")
-    yield  # pragma: no cover
+    """Attach the product's data plane (bpf/xdp_edge.c) to the DUT's ingress with one keyed
+    GRE tunnel: edge EDGE_ENDPOINT, customer CUSTOMER, key GRE_KEY, prefix CUSTOMER_PREFIX,
+    MTU 1476, MSS 1436. Compiled and filled once per topology; attached per measurement."""
+    bpf = topo.compiled("xdp_edge", _compile_edge)
+    if "xdp_edge_filled" not in topo.cache:
+        fill_direct(bpf)
+        topo.cache["xdp_edge_filled"] = True
+    lg.attach(bpf, "xdp_edge", topo.dut, topo.dut_in, mode)
+    try:
+        yield bpf
+    finally:
+        lg.detach(topo.dut, topo.dut_in, mode)
 
 
 def gre_cases(sizes: Sequence[int], plug=gre_plug) -> tuple[list[rates.Case],
