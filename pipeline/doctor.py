@@ -20,6 +20,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import signal
 import socket
 import subprocess
@@ -50,6 +51,8 @@ BPF_MAP_CREATE, BPF_MAP_TYPE_ARRAY = 0, 2
 _NR_BPF = {"x86_64": 321, "aarch64": 280}
 
 FIX_SETUP = "make setup"
+_EPERM = os.strerror(errno.EPERM)       # "Operation not permitted"
+_CLANG_ERROR = re.compile(r":\d+:\d+: (fatal )?error: ")    # file:line:col: error: ...
 
 
 class Status(StrEnum):
@@ -184,12 +187,17 @@ def check_kernel_headers(modules_dir: Path = SYSTEM_MODULES_DIR, release: str | 
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
         return _fail(name, f"compiling a tiny program with bcc took over {timeout:.0f}s", fix)
+    target = build.resolve()
     if proc.returncode != 0:
         lines = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip()]
-        why = next((ln for ln in lines if "kernel headers" in ln or "error:" in ln),
-                   lines[-1] if lines else f"exit status {proc.returncode}")
+        why = next((ln for ln in lines if "kernel headers" in ln or _CLANG_ERROR.search(ln)), None)
+        if why is None and _EPERM in proc.stderr:
+            # Compiled: bcc got as far as creating the program's map. The headers are fine;
+            # the privileges check names what is missing.
+            return _pass(name, f"bcc compiled an XDP program against {build} -> {target} "
+                               f"(not loaded: {_EPERM}, see privileges)")
+        why = why or (lines[-1] if lines else f"exit status {proc.returncode}")
         return _fail(name, f"bcc could not compile against {build}: {why}", fix)
-    target = build.resolve()
     return _pass(name, f"bcc compiled and loaded an XDP program against {build} -> {target}")
 
 
@@ -238,10 +246,15 @@ def check_xdp(mode: str, probe: Path = PROBE_SRC, python: str = sys.executable,
     last = out.strip().splitlines()[-1] if out.strip() else ""
     try:
         data = json.loads(last)
-        return Result(data["name"], Status(data["status"]), data["detail"], data["fix"])
+        r = Result(data["name"], Status(data["status"]), data["detail"], data["fix"])
     except (ValueError, KeyError, TypeError):
         return _fail(name, f"the check process exited {proc.returncode}: {_last_line(err)}",
                      "report this as a bug")
+    if r.status is Status.FAIL and _EPERM in err:
+        # bcc reports a refused bpf() only on stderr; its exception just says "failed".
+        return _fail(name, f"{r.detail} ({_EPERM})", "run as root, or grant CAP_NET_ADMIN and "
+                                                     "CAP_BPF (see the privileges check)")
+    return r
 
 
 def _last_line(text: str) -> str:
