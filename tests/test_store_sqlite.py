@@ -130,6 +130,8 @@ def test_closed_store_and_bad_file(tmp_path):
         s.put("/a/x", b"1")
     with pytest.raises(WatchClosed):
         w.get(0.1)
+    with pytest.raises(StoreError, match="cannot create: No such file or directory"):
+        SqliteStore(tmp_path / "no-such-dir" / "s.db")
     junk = tmp_path / "junk.db"
     junk.write_bytes(b"this is not a database" * 100)
     with pytest.raises(StoreError, match="junk.db"):

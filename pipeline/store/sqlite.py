@@ -97,7 +97,11 @@ class SqliteStore(Store):
         if not self.path.exists():
             # The file holds SA records (keys encrypted, metadata not): owner only. SQLite gives
             # the -wal and -shm files the same mode as the database.
-            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
+            try:
+                os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
+            except OSError as e:
+                raise StoreError(f"sqlite store {self.path}: cannot create: {e.strerror}") \
+                    from None
         self.retain_revisions = retain_revisions
         self.compact_every = compact_every
         self._lock = threading.Lock()
