@@ -2,6 +2,7 @@
 precondition is broken (pointed at a missing or wrong path, or run without the capabilities)."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -143,6 +144,17 @@ def test_cli_headers_missing_exit_1_with_fix(tmp_path):
         "",
         "1 check: 0 passed, 1 failed, 0 warnings",
     ]
+
+
+def test_cli_json(tmp_path):
+    r = CliRunner().invoke(cli, ["doctor", "--json", "--check", "kernel-headers", "--check",
+                                 "strongswan", "--modules-dir", str(tmp_path)])
+    assert r.exit_code == 1
+    got = json.loads(r.stdout)
+    peer = d.check_strongswan().status
+    assert [(x["name"], x["status"]) for x in got] == [("kernel headers", "FAIL"),
+                                                       ("strongswan peer", peer)]
+    assert got[0]["fix"].startswith("make setup")
 
 
 # --- privileges, BPF, JIT, AF_XDP ----------------------------------------------------------------

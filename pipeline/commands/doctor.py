@@ -2,6 +2,8 @@
 with the fix under every FAIL and WARN. Exit status 0 only when no required check failed."""
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
 import click
@@ -30,12 +32,17 @@ def render(results: list[d.Result]) -> list[str]:
 @click.option("--modules-dir", type=click.Path(file_okay=False, path_type=Path),
               default=d.SYSTEM_MODULES_DIR, show_default=True,
               help="Where to look for <kernel release>/build (kernel headers for bcc).")
-def doctor(names: tuple[str, ...], modules_dir: Path) -> None:
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the results as JSON (name, status, detail, fix) instead of a table.")
+def doctor(names: tuple[str, ...], modules_dir: Path, as_json: bool) -> None:
     """Check this machine can run xtransit: privileges, BPF, kernel headers for bcc, XDP attach
     (native and generic), AF_XDP, libcrypto AES-GCM and the strongSwan test peer."""
     checks = dict(d.CHECKS)
     checks["kernel-headers"] = lambda: d.check_kernel_headers(modules_dir)
     results = d.run(list(names) or None, checks)
-    for line in render(results):
-        click.echo(line)
+    if as_json:
+        click.echo(json.dumps([dataclasses.asdict(r) for r in results], indent=2))
+    else:
+        for line in render(results):
+            click.echo(line)
     raise SystemExit(d.exit_status(results))
