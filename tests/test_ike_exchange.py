@@ -550,3 +550,45 @@ def test_simultaneous_child_rekey_collision_leaves_one_pair(attempt):
     lost = p.resp.stats["rekey_collision_lost"] + p.init.stats["rekey_collision_lost"]
     won = p.resp.stats["rekey_collision_won"] + p.init.stats["rekey_collision_won"]
     assert (lost, won) == (1, 1)
+
+
+def test_half_open_count_follows_every_path():
+    p = Pair()
+    p.start(profile())
+    assert p.resp.half_open() == 0
+    (i_sa,) = p.init.established_sas()
+    p.deliver_from_i(p.init.start(i_sa, IkeRekeyTask(), p.now))
+    assert p.resp.half_open() == 0 and len(p.resp.established_sas()) == 1
+    p2 = Pair()
+    p2.start(profile(psk=b"wrong"))  # half-open, then AUTHENTICATION_FAILED
+    assert p2.resp.half_open() == 0 and p2.resp.sas == {}
+    p3 = Pair()
+    p3.drop_to_initiator = True
+    p3.start(profile())
+    assert p3.resp.half_open() == 1
+    p3.resp.tick(31.0)  # (not p3.tick: the initiator's retransmission would open a new one)
+    assert p3.resp.half_open() == 0 and p3.resp.sas == {}
+
+
+def test_liveness_retried_until_the_tunnels_dead_peer_timeout():
+    t = replace(TUNNEL, dpd_interval=10, dpd_timeout=150)
+    p = Pair(tunnels=[t])
+    p.start(profile(t))
+    p.drop_to_initiator = True  # the peer's answers are lost from now on
+    p.tick(11)  # liveness request sent
+    assert p.resp.stats["liveness_sent"] == 1
+    for _ in range(13):
+        p.tick(10)  # t = 141 s: still retrying, well past the default 5 tries
+    assert len(p.resp.established_sas()) == 1 and p.resp.stats["retransmitted"] >= 6
+    p.tick(10)  # t = 151 s: 140 s after the first liveness check
+    p.tick(10)
+    assert p.resp.sas == {} and p.ri.sas == {} and p.resp.stats["ike_destroyed_peer_dead"] == 1
+
+
+def test_max_half_open_drops_new_requests():
+    p = Pair(config_r=EngineConfig(max_half_open=1, half_open_cookie_threshold=100))
+    p.drop_to_initiator = True
+    p.start(profile())
+    p.init = type(p.init)(p.init.directory, p.ii)
+    p.start(profile())
+    assert p.resp.half_open() == 1 and p.resp.stats["drop_half_open_limit"] == 1

@@ -266,8 +266,8 @@ def test_liveness_then_peer_restart_old_sa_torn_down_as_dead(topo):
     _, cust, start = topo
     from dataclasses import replace
 
-    cfg = EngineConfig(retransmit_timeout=0.5, retransmit_tries=3)
-    e = start([replace(TUNNEL, dpd_interval=1)], config=cfg)
+    cfg = EngineConfig(retransmit_timeout=0.5)
+    e = start([replace(TUNNEL, dpd_interval=1, dpd_timeout=3)], config=cfg)
     assert peer(cust, "--id-type", "fqdn", "--id", FQDN).returncode == 0
     assert _wait(lambda: e.engine.stats["liveness_sent"] >= 2, 10)
     assert len(e.call(lambda: e.engine.established_sas())) == 1

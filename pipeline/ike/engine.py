@@ -67,6 +67,8 @@ class EngineConfig:
     retransmit_timeout: float = 2.0
     retransmit_base: float = 1.8
     retransmit_tries: int = 5
+    retransmit_max_interval: float = 30.0
+    max_half_open: int = 10000             # beyond this, new IKE_SA_INIT requests are dropped
     fragmentation: bool = True
     fragment_size: int = 1280              # largest IKE datagram before RFC 7383 fragmentation
     cookie_secret_lifetime: float = 300.0
@@ -85,6 +87,7 @@ class IkeEngine:
         self.init_index: dict[tuple[bytes, str, int], IkeSa] = {}  # (SPIi, peer ip, port)
         self.child_spis: set[int] = set()
         self.stats: Counter[str] = Counter()
+        self._half_open = 0  # responder IKE SAs in HALF_OPEN (kept as a count: O(1) per packet)
         self._cookie_secret = os.urandom(32)
         self._cookie_prev = self._cookie_secret
         self._cookie_version = 0
@@ -140,7 +143,7 @@ class IkeEngine:
         return out
 
     def half_open(self) -> int:
-        return sum(1 for sa in self.sas.values() if sa.state == IkeState.HALF_OPEN)
+        return self._half_open
 
     def established_sas(self) -> list[IkeSa]:
         return [sa for sa in self.sas.values() if sa.state == IkeState.ESTABLISHED]
@@ -154,6 +157,8 @@ class IkeEngine:
                 return spi
 
     def established(self, sa: IkeSa) -> None:
+        if sa.state == IkeState.HALF_OPEN:
+            self._half_open -= 1
         sa.state = IkeState.ESTABLISHED
         sa.established_at = self.now
         if sa.tunnel is not None and sa.tunnel.ike_lifetime:
@@ -195,6 +200,7 @@ class IkeEngine:
                   ni: bytes, nr: bytes, g_ir: bytes) -> IkeSa:
         new = IkeSa(initiator=initiator, spi_i=spi_i, spi_r=spi_r, local=old.local,
                     remote=old.remote, now=self.now, tunnel=old.tunnel)
+        new.state = IkeState.ESTABLISHED  # authenticated through the old SA: never half-open
         new.ni, new.nr = ni, nr
         new.nat_local, new.nat_remote = old.nat_local, old.nat_remote
         new.frag_supported = old.frag_supported
@@ -218,6 +224,8 @@ class IkeEngine:
         for spi in list(sa.children):
             if uninstall:
                 self.remove_child(sa, spi)
+        if sa.state == IkeState.HALF_OPEN:
+            self._half_open -= 1
         sa.state = IkeState.DEAD
         self.stats["ike_destroyed_" + reason] += 1
         log.info("IKE SA %s removed (%s)", sa.name, reason)
@@ -271,6 +279,8 @@ class IkeEngine:
             cookie = msg.notify(Notify.COOKIE)
             valid_cookie = cookie is not None and self._cookie_ok(cookie.data, nonce.data, msg.spi_i,
                                                                   remote[0])
+            if self.half_open() >= self.config.max_half_open:
+                raise DropMessage("half_open_limit")
             if self.half_open() >= self.config.half_open_cookie_threshold and not valid_cookie:
                 self.stats["cookie_sent"] += 1
                 return reply([NotifyPayload(Notify.COOKIE,
@@ -291,6 +301,7 @@ class IkeEngine:
         sa.expected_peer_id = 1
         sa.last_response, sa.last_response_id = [resp], 0
         self.sas[sa.spi_r] = sa
+        self._half_open += 1
         self.init_index[key] = sa
         sa.init_key = key
         self.stats["ike_sa_init_answered"] += 1
@@ -463,6 +474,10 @@ class IkeEngine:
         else:
             datagrams = self._protect(sa, msg, payloads)
         sa.pending = Pending(task, msg.msg_id, datagrams, self.now)
+        if (isinstance(task, InformationalTask) and not task.payloads and sa.tunnel is not None
+                and sa.tunnel.dpd_timeout):
+            # A liveness check is retried until the tunnel's dead-peer timeout (issue 6).
+            sa.pending.deadline = self.now + sa.tunnel.dpd_timeout
         return [Datagram(d, sa.local, sa.remote) for d in datagrams]
 
     # ------------------------------------------------------------------ timers
@@ -478,9 +493,13 @@ class IkeEngine:
             return []
         p = sa.pending
         if p is not None:
-            due = p.sent_at + cfg.retransmit_timeout * cfg.retransmit_base ** (p.tries - 1)
+            due = p.sent_at + min(cfg.retransmit_timeout * cfg.retransmit_base ** (p.tries - 1),
+                                  cfg.retransmit_max_interval)
+            if p.deadline and now >= p.deadline:
+                self.destroy(sa, "peer_dead", uninstall=True)
+                return []
             if now >= due:
-                if p.tries >= cfg.retransmit_tries:
+                if not p.deadline and p.tries >= cfg.retransmit_tries:
                     self.destroy(sa, "peer_dead", uninstall=True)
                     return []
                 p.tries += 1

@@ -127,6 +127,7 @@ class Pending:
     datagrams: list[bytes]
     sent_at: float
     tries: int = 1
+    deadline: float = 0.0  # give up after this time (0: after EngineConfig.retransmit_tries)
 
 
 class IkeSa:
