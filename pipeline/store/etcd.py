@@ -428,7 +428,10 @@ class EtcdWatch(QueueWatch):
                 self._push(items)
                 self._next = items[-1].revision + 1
             elif not resp.created and resp.header.revision >= self._next:
-                # A progress notification: every event up to header.revision was delivered.
+                # A timed progress notification (progress_notify): every event up to
+                # header.revision was delivered. Timed ones travel in order with the events; we
+                # never *request* progress: etcd before 3.4.25 could answer a request ahead of
+                # events still queued (etcd issue 15220), and resuming past them loses them.
                 self._next = resp.header.revision + 1
         raise _Retryable("watch stream ended")
 
