@@ -430,8 +430,9 @@ class EtcdWatch(QueueWatch):
             elif not resp.created and resp.header.revision >= self._next:
                 # A timed progress notification (progress_notify): every event up to
                 # header.revision was delivered. Timed ones travel in order with the events; we
-                # never *request* progress: etcd before 3.4.25 could answer a request ahead of
-                # events still queued (etcd issue 15220), and resuming past them loses them.
+                # never *request* progress: etcd releases without the fix for etcd issue 15220
+                # could answer a request ahead of events still queued, and resuming past those
+                # events would lose them.
                 self._next = resp.header.revision + 1
         raise _Retryable("watch stream ended")
 
