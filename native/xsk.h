@@ -42,6 +42,10 @@
 #define XT_XSK_MAX_BATCH 64
 #define XT_XSK_STAT_VERDICTS 32 /* = XT_ESP_VERDICT_MAX */
 
+/* xt_xsk_config.flags. XT_XSK_F_NO_CRYPTO is for benchmarks only: every steered frame is
+ * forwarded unchanged, without ESP calls (the AF_XDP path's own ceiling). */
+#define XT_XSK_F_NO_CRYPTO 1
+
 #define XT_XSK_MODE_AUTO 0
 #define XT_XSK_MODE_COPY 1
 #define XT_XSK_MODE_ZEROCOPY 2
@@ -64,6 +68,7 @@ struct xt_xsk_config {
     uint32_t batch;             /* 1..64; 0 = 64 */
     uint32_t mode;              /* XT_XSK_MODE_* */
     uint32_t poll_ms;           /* idle poll timeout; 0 = 100 */
+    uint32_t flags;             /* XT_XSK_F_* */
     uintptr_t esp_worker;       /* struct xt_esp_worker * */
     uintptr_t esp_decrypt;      /* xt_esp_decrypt_batch */
     uintptr_t esp_encrypt;      /* xt_esp_encrypt_batch */

@@ -549,10 +549,19 @@ class IpsecEdge:
     ``devices``: the outside devices the steering program runs on; ``endpoints``: local tunnel
     endpoint addresses; routes are added with :meth:`route`. Close (or use as a context manager)
     to stop the worker, detach the programs and remove the internal veth pair.
+
+    ``tx_direct=(device, next-hop MAC)`` is the alternative design the benchmark compares: the
+    worker transmits straight out of one egress device to one fixed next hop (no internal veth,
+    no FIB: a real deployment would have to mirror the kernel's routes and neighbours from
+    netlink). ``bench_no_crypto`` forwards frames unchanged (the AF_XDP path ceiling).
+    ``steering``: a loaded :class:`Steering` to reuse (the caller keeps it; close() only detaches
+    it), so repeated set-ups compile once.
     """
 
     def __init__(self, datapath: IpsecDataPath, devices: list[RxDevice], endpoints: list[str],
-                 *, xsk_mode: str = "auto", ring_size: int = 2048, batch: int = 64) -> None:
+                 *, xsk_mode: str = "auto", ring_size: int = 2048, batch: int = 64,
+                 tx_direct: tuple[str, str] | None = None, bench_no_crypto: bool = False,
+                 worker_cpu: int | None = None, steering: Steering | None = None) -> None:
         from pyroute2 import IPRoute
 
         from pipeline import xsk as _xsk
@@ -565,12 +574,19 @@ class IpsecEdge:
         # close() may run on another thread (or a signal handler): remember our namespace
         self._netns = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
         self._ipr = IPRoute()
+        self._own_steering = steering is None
         try:
-            self._make_internal_veth()
-            self.steering = Steering()
+            self.steering = steering if steering is not None else Steering()
             for ep in endpoints:
                 self.steering.add_endpoint(ep)
-            self.steering.attach(INTERNAL_ROUTER_END, self.steering.fwd_fn, "native")
+            if tx_direct is None:
+                self._make_internal_veth()
+                self.steering.attach(INTERNAL_ROUTER_END, self.steering.fwd_fn, "native")
+                tx_dev = INTERNAL_EDGE_END
+                src, dst = self._mac(INTERNAL_EDGE_END), self._mac(INTERNAL_ROUTER_END)
+            else:
+                tx_dev, dst = tx_direct
+                src = self._mac(tx_dev)
             rx: list[tuple[str, int]] = []
             for slot, dev in enumerate(devices):
                 idx = self._ifindex(dev.name)
@@ -580,17 +596,16 @@ class IpsecEdge:
             # one worker for all RX sockets (one thread); more queues -> more workers later
             w = datapath.ctx.worker()
             self._esp_workers.append(w)
-            src = self._mac(INTERNAL_EDGE_END)
-            dst = self._mac(INTERNAL_ROUTER_END)
-            xw = _xsk.XskWorker(w, rx, INTERNAL_EDGE_END, src, dst, mode=xsk_mode,
-                                ring_size=ring_size, batch=batch)
+            xw = _xsk.XskWorker(w, rx, tx_dev, src, dst, mode=xsk_mode,
+                                ring_size=ring_size, batch=batch,
+                                bench_no_crypto=bench_no_crypto)
             self.workers.append(xw)
             i = 0
             for slot, dev in enumerate(devices):
                 for q in dev.queues:
                     xw.insert_into(self.steering.xsk_map_fd(), i, slot * 16 + q)
                     i += 1
-            xw.start()
+            xw.start(worker_cpu)
         except BaseException:
             self.close()
             raise
@@ -638,7 +653,10 @@ class IpsecEdge:
         with _in_netns(self._netns):
             if self.steering is not None:
                 with contextlib.suppress(Exception):
-                    self.steering.close()
+                    if self._own_steering:
+                        self.steering.close()
+                    else:
+                        self.steering.detach_all()
                 self.steering = None
             with contextlib.suppress(Exception):
                 for idx in self._ipr.link_lookup(ifname=INTERNAL_EDGE_END):

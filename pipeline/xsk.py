@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import os
 import signal
 import threading
 from dataclasses import dataclass
@@ -90,13 +91,14 @@ class XskWorker:
 
     ``tx_src_mac``/``tx_dst_mac`` form the Ethernet header of everything the worker sends
     (``tx_ifname``'s own MAC and its veth peer's). ``esp_worker`` must stay open while this
-    worker exists.
+    worker exists. ``bench_no_crypto`` (benchmarks only) forwards every frame unchanged: the
+    ceiling of the AF_XDP path itself.
     """
 
     def __init__(self, esp_worker: _esp.EspWorker, rx: list[tuple[str, int]], tx_ifname: str,
                  tx_src_mac: str, tx_dst_mac: str, *, mode: str = MODE_AUTO,
                  ring_size: int = 2048, frame_size: int = 2048, batch: int = 64,
-                 poll_ms: int = 50) -> None:
+                 poll_ms: int = 50, bench_no_crypto: bool = False) -> None:
         if not 1 <= len(rx) <= lib.XT_XSK_MAX_RX:
             raise XskError(f"need 1..{lib.XT_XSK_MAX_RX} RX (device, queue) pairs, got {len(rx)}")
         if mode not in _MODES:
@@ -121,6 +123,7 @@ class XskWorker:
         cfg.ring_size, cfg.frame_size, cfg.batch = ring_size, frame_size, batch
         cfg.mode = _MODES[mode]
         cfg.poll_ms = poll_ms
+        cfg.flags = lib.XT_XSK_F_NO_CRYPTO if bench_no_crypto else 0
         ef, el = _esp.ffi, _esp.lib
         cfg.esp_worker = int(ef.cast("uintptr_t", esp_worker._handle()))
         cfg.esp_decrypt = int(ef.cast("uintptr_t", ef.addressof(el, "xt_esp_decrypt_batch")))
@@ -144,14 +147,18 @@ class XskWorker:
                                 f"(key {key})")
 
     # --- the loop -------------------------------------------------------------------------
-    def start(self) -> None:
+    def start(self, cpu: int | None = None) -> None:
+        """Run the loop on a thread of its own (pinned to ``cpu`` when given)."""
         with self._lock:
             if self._thread is not None:
                 raise XskError("worker already started")
-            self._thread = threading.Thread(target=self._run, name="xsk-worker", daemon=True)
+            self._thread = threading.Thread(target=self._run, args=(cpu,), name="xsk-worker",
+                                            daemon=True)
             self._thread.start()
 
-    def _run(self) -> None:
+    def _run(self, cpu: int | None) -> None:
+        if cpu is not None:
+            os.sched_setaffinity(0, {cpu})  # 0: this thread only
         self._rc = int(lib.xt_xsk_run(self._x))  # blocks with the GIL released
 
     def stop(self, timeout: float = 5.0) -> None:
