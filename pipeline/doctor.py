@@ -187,6 +187,8 @@ def check_kernel_headers(modules_dir: Path = SYSTEM_MODULES_DIR, release: str | 
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
         return _fail(name, f"compiling a tiny program with bcc took over {timeout:.0f}s", fix)
+    except OSError as e:
+        return _fail(name, f"cannot run {cmd[0]}: {e.strerror}", FIX_SETUP)
     target = build.resolve()
     if proc.returncode != 0:
         lines = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip()]
@@ -262,6 +264,13 @@ def _last_line(text: str) -> str:
     return lines[-1] if lines else "no output"
 
 
+_MAC_XD0, _MAC_XD1 = "02:00:00:00:d0:00", "02:00:00:00:d0:01"   # locally administered
+
+
+def _mac(text: str) -> bytes:
+    return bytes.fromhex(text.replace(":", ""))
+
+
 def _xdp_here(mode: str, probe: Path = PROBE_SRC, wait: float = 2.0) -> Result:
     """The XDP check itself, in this process (see check_xdp)."""
     name = f"xdp {mode}"
@@ -283,7 +292,7 @@ def _xdp_here(mode: str, probe: Path = PROBE_SRC, wait: float = 2.0) -> Result:
     try:
         with netns.Lab("doctor") as lab:
             ns = lab.namespace("doctor")
-            lab.veth(ns, "xd0", ns, "xd1", mac_a="02:00:00:00:d0:00", mac_b="02:00:00:00:d0:01")
+            lab.veth(ns, "xd0", ns, "xd1", mac_a=_MAC_XD0, mac_b=_MAC_XD1)
             try:
                 with ns.enter():
                     b.attach_xdp(b"xd0", fn, flags | XDP_FLAGS_UPDATE_IF_NOEXIST)
@@ -294,8 +303,8 @@ def _xdp_here(mode: str, probe: Path = PROBE_SRC, wait: float = 2.0) -> Result:
                 if got != want:
                     return _fail(name, f"kernel reports XDP attach mode {got!r}, wanted {want!r}",
                                  fix)
-                frame = (bytes.fromhex("02000000d000" "02000000d001")
-                         + PROBE_ETHERTYPE.to_bytes(2, "big") + b"xtransit doctor".ljust(46, b"\0"))
+                frame = (_mac(_MAC_XD0) + _mac(_MAC_XD1) + PROBE_ETHERTYPE.to_bytes(2, "big")
+                         + b"xtransit doctor".ljust(46, b"\0"))    # minimum 60-byte frame
                 lab.port(ns, "xd1").send(frame)
                 seen = b[b"seen"]
                 deadline = time.monotonic() + wait
