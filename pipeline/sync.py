@@ -1,4 +1,8 @@
-"""Child SAs from the shared store into this node's data path.
+"""Child SAs from the shared store into this node's data path, and from IKE into the store.
+
+On a fleet node the IKE daemon hands its Child SAs to a :class:`StoreSaInstaller` (it writes
+the store), and :class:`SaSync` is the only caller of the data path's installer, on every node
+including the one that negotiated: one path, so no SA is installed twice on its own node.
 
 ``SaSync`` keeps an :class:`~pipeline.sa.SaInstaller` equal to the Child SA records in the
 store. It starts (or restarts, or joins late) by listing every SA record at one revision R and
@@ -217,3 +221,49 @@ class SaSync:
         if self._thread is not None:
             self._thread.join(10)
             self._thread = None
+
+
+class StoreSaInstaller:
+    """The ``SaInstaller`` the IKE daemon of a fleet node hands its Child SAs to: it writes them
+    to the store, and every node's :class:`SaSync` (this node's too) installs them in its data
+    path. One path into the data path, whichever node negotiated, rekeyed or deleted the SA.
+
+    ``delete(spi_in)`` needs the record's key (``/sa/<tunnel>/<spi>``): it knows the tunnel of the
+    SAs written through it and, given ``sync``, of every SA in the store (an SA negotiated on
+    another node and deleted here); otherwise it searches the SA prefix.
+    """
+
+    def __init__(self, state: SharedState, sync: SaSync | None = None) -> None:
+        self.state = state
+        self.sync = sync
+        self._tunnel_of: dict[int, str] = {}
+
+    def install(self, sa: ChildSaParams) -> None:
+        self.state.put_child_sa(sa)
+        self._tunnel_of[sa.spi_in] = sa.tunnel_name
+
+    def replace(self, old_spi_in: int, sa: ChildSaParams) -> None:
+        """A rekey within one tunnel: the new record names the SPI it replaces."""
+        self.state.rekey_child_sa(old_spi_in, sa)
+        self._tunnel_of.pop(old_spi_in, None)
+        self._tunnel_of[sa.spi_in] = sa.tunnel_name
+
+    def delete(self, spi_in: int) -> None:
+        key = self._key_of(spi_in)
+        if key is not None:
+            self.state.store.delete(key)
+        self._tunnel_of.pop(spi_in, None)
+
+    def _key_of(self, spi_in: int) -> str | None:
+        tunnel = self._tunnel_of.get(spi_in)
+        if tunnel is not None:
+            return self.state.layout.sa(tunnel, spi_in)
+        if self.sync is not None:
+            inst = self.sync.installed.get(spi_in)
+            if inst is not None:
+                return inst.key
+        suffix = f"/{spi_in:08x}"
+        for rec in self.state.store.list(self.state.layout.sas).records:
+            if rec.key.endswith(suffix):
+                return rec.key
+        return None

@@ -239,3 +239,34 @@ def test_start_fails_cleanly_when_the_store_is_unreachable(etcd_cluster):
         sync.start(timeout=1.0)
     assert sync.failures >= 1 and sync._thread is None
     dead.close()
+
+
+def test_ike_on_any_node_through_store_installer(open_store, layout):
+    """Each node's IKE daemon hands SAs to a StoreSaInstaller; each node's SaSync installs into
+    its data path. An SA negotiated on A, rekeyed through B and deleted through C (which never
+    wrote it) reaches every data path, A's included, exactly once per change."""
+    from pipeline.sync import StoreSaInstaller
+    nodes = {}
+    for n in "abc":
+        state = node(open_store, layout, ord(n))
+        dp = RecordingSaInstaller()
+        sync = SaSync(state, dp, name=n).start()
+        nodes[n] = (StoreSaInstaller(state, sync), dp, sync)
+    s1, s2 = child_sa(1), child_sa(2)
+    nodes["a"][0].install(s1)
+    assert all(dp.wait_for(lambda s: same(s, [s1]), 20) for _, dp, _ in nodes.values())
+    nodes["b"][0].replace(s1.spi_in, s2)
+    assert all(dp.wait_for(lambda s: same(s, [s2]), 20) for _, dp, _ in nodes.values())
+    nodes["c"][0].delete(s2.spi_in)
+    for _, dp, sync in nodes.values():
+        assert dp.wait_for(lambda s: s == {}, 20)
+        assert dp.events == [("install", s1.spi_in), ("replace", s2.spi_in),
+                             ("delete", s2.spi_in)]
+        sync.stop()
+    # Without an index or a record of its own, the installer finds the key by listing.
+    s3 = child_sa(3, tunnel="t3")
+    nodes["a"][0].install(s3)
+    lone = StoreSaInstaller(nodes["b"][0].state)
+    lone.delete(s3.spi_in)
+    lone.delete(0x0BADBAD0)                          # unknown: nothing to do, no error
+    assert nodes["b"][0].state.store.list(layout.sas).records == ()
