@@ -25,6 +25,9 @@
 #ifndef AF_INET
 #define AF_INET 2
 #endif
+#ifndef AF_INET6
+#define AF_INET6 10
+#endif
 
 #define XT_ESP_STANDALONE 1
 #include "esp_steer.h"
@@ -41,10 +44,17 @@ struct esp_lpm4 {
 	__u8 addr[4];
 };
 
+struct esp_lpm6 {
+	__u32 prefixlen;
+	__u8 addr[16];
+};
+
 /* Local IPv4 tunnel endpoints that terminate IPsec (address as on the wire -> 1). */
 BPF_HASH(esp_endpoints, __be32, __u32, 256);
 /* Customer IPv4 prefixes routed to IPsec tunnels. */
 BPF_LPM_TRIE(esp_routes4, struct esp_lpm4, struct esp_route, 65536);
+/* Customer IPv6 prefixes routed to IPsec tunnels (inner IPv6 over outer IPv4 ESP). */
+BPF_LPM_TRIE(esp_routes6, struct esp_lpm6, struct esp_route, 65536);
 
 /* RFC 1624 eqn. 3 for one 16-bit word, folded twice. */
 static __always_inline __u16 esp_csum_replace16(__u16 check, __u16 old, __u16 new_)
@@ -111,14 +121,40 @@ static __always_inline int esp_clamp_mss(struct xdp_md *ctx, __u32 l4_off, __u16
 	return 0;
 }
 
+/* Into the prefix's tunnel: TTL / hop limit, MSS clamp, worker. */
+static __always_inline int esp_steer_encrypt(struct xdp_md *ctx, struct esp_route *rt)
+{
+	__u32 why = 0, l4_off = 0;
+	__u32 tunnel = rt->tunnel;
+	__u16 mss = rt->mss ? rt->mss : XT_ESP_MSS_DEFAULT;
+	int action = esp_encrypt_prepare(ctx, &l4_off);
+
+	if (action != XT_CONTINUE)
+		return action;
+	if (l4_off && esp_clamp_mss(ctx, l4_off, mss))
+		esp_count(XT_ESP_STEER_MSS_CLAMPED);
+	return esp_to_worker(ctx, XT_ESP_KIND_ENCRYPT, tunnel, mss, &why);
+}
+
 int xdp_esp_steer(struct xdp_md *ctx)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
 	struct ethhdr *eth = data;
-	__u32 why = 0, l4_off = 0;
+	__u32 why = 0;
 
-	if ((void *)(eth + 1) > data_end || eth->h_proto != bpf_htons(ETH_P_IP))
+	if ((void *)(eth + 1) > data_end)
+		return XDP_PASS;
+	if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr *ip6 = (void *)(eth + 1);
+		if ((void *)(ip6 + 1) > data_end)
+			return XDP_PASS;
+		struct esp_lpm6 k6 = {.prefixlen = 128};
+		__builtin_memcpy(k6.addr, &ip6->daddr, 16);
+		struct esp_route *rt6 = esp_routes6.lookup(&k6);
+		return rt6 ? esp_steer_encrypt(ctx, rt6) : XDP_PASS;
+	}
+	if (eth->h_proto != bpf_htons(ETH_P_IP))
 		return XDP_PASS;
 	struct iphdr *ip = (void *)(eth + 1);
 	if ((void *)(ip + 1) > data_end)
@@ -135,16 +171,37 @@ int xdp_esp_steer(struct xdp_md *ctx)
 	struct esp_lpm4 k = {.prefixlen = 32};
 	__builtin_memcpy(k.addr, &daddr, 4);
 	struct esp_route *rt = esp_routes4.lookup(&k);
-	if (!rt)
+	return rt ? esp_steer_encrypt(ctx, rt) : XDP_PASS;
+}
+
+/* Decrypted IPv6 inner packets: hop limit, FIB, redirect (always transit: endpoints are IPv4). */
+static __always_inline int esp_fwd_v6(struct xdp_md *ctx, struct ethhdr *eth, void *data_end)
+{
+	struct ipv6hdr *ip6 = (void *)(eth + 1);
+	struct bpf_fib_lookup fib = {};
+
+	if ((void *)(ip6 + 1) > data_end)
 		return XDP_PASS;
-	__u32 tunnel = rt->tunnel;
-	__u16 mss = rt->mss ? rt->mss : XT_ESP_MSS_DEFAULT;
-	int action = esp_encrypt_prepare(ctx, &l4_off);
-	if (action != XT_CONTINUE)
-		return action;
-	if (l4_off && esp_clamp_mss(ctx, l4_off, mss))
-		esp_count(XT_ESP_STEER_MSS_CLAMPED);
-	return esp_to_worker(ctx, XT_ESP_KIND_ENCRYPT, tunnel, mss, &why);
+	if (ip6->hop_limit <= 1) {
+		esp_count(XT_ESP_STEER_FWD_TTL);
+		return XDP_PASS;
+	}
+	fib.family = AF_INET6;
+	fib.flowinfo = *(__be32 *)ip6 & bpf_htonl(0x0FFFFFFF);
+	fib.l4_protocol = ip6->nexthdr;
+	fib.tot_len = bpf_ntohs(ip6->payload_len) + sizeof(*ip6);
+	__builtin_memcpy(fib.ipv6_src, &ip6->saddr, 16);
+	__builtin_memcpy(fib.ipv6_dst, &ip6->daddr, 16);
+	fib.ifindex = ctx->ingress_ifindex;
+	if (bpf_fib_lookup(ctx, &fib, sizeof(fib), 0) != BPF_FIB_LKUP_RET_SUCCESS) {
+		esp_count(XT_ESP_STEER_FWD_PASS);
+		return XDP_PASS;
+	}
+	ip6->hop_limit--;
+	__builtin_memcpy(eth->h_dest, fib.dmac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, fib.smac, ETH_ALEN);
+	esp_count(XT_ESP_STEER_FWD_REDIRECT);
+	return bpf_redirect(fib.ifindex, 0);
 }
 
 int xdp_esp_fwd(struct xdp_md *ctx)
@@ -154,7 +211,11 @@ int xdp_esp_fwd(struct xdp_md *ctx)
 	struct ethhdr *eth = data;
 	struct bpf_fib_lookup fib = {};
 
-	if ((void *)(eth + 1) > data_end || eth->h_proto != bpf_htons(ETH_P_IP))
+	if ((void *)(eth + 1) > data_end)
+		return XDP_PASS;
+	if (eth->h_proto == bpf_htons(ETH_P_IPV6))
+		return esp_fwd_v6(ctx, eth, data_end);
+	if (eth->h_proto != bpf_htons(ETH_P_IP))
 		return XDP_PASS;
 	struct iphdr *ip = (void *)(eth + 1);
 	if ((void *)(ip + 1) > data_end || ip->ihl < 5)

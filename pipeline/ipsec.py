@@ -144,11 +144,14 @@ class IpsecDataPath:
             if sa.spi_in in self._pairs:
                 raise IpsecError(f"inbound SPI 0x{sa.spi_in:08x} is already installed")
             self.ctx.add_sa(inbound)
+            prev_out = self._out_stats(t.index)
             try:
                 self.ctx.add_sa(outbound)
             except _esp.EspError:
                 self.ctx.del_sa("in", sa.spi_in)
                 raise
+            if prev_out is not None:
+                self._bank(t.index, "out", prev_out)
             # a second install for a tunnel (a new IKE SA after INITIAL_CONTACT, ...) replaces
             # the outbound SA; an older inbound SA stays until it is deleted, as in a rekey
             self._pairs[sa.spi_in] = _Pair(t, sa.spi_in, sa.spi_out)
@@ -468,22 +471,23 @@ class Steering:
         with contextlib.suppress(KeyError):
             del t[t.Key(_le32(addr))]
 
-    def add_route(self, prefix: str, tunnel: int, mss: int = 0) -> None:
-        net = ipaddress.IPv4Network(prefix)
-        t = self.bpf[b"esp_routes4"]
+    def _route_key(self, prefix: str) -> tuple[Any, Any]:
+        net = ipaddress.ip_network(prefix)
+        t = self.bpf[b"esp_routes4" if net.version == 4 else b"esp_routes6"]
         k = t.Key()
         k.prefixlen = net.prefixlen
         k.addr[:] = list(net.network_address.packed)
+        return t, k
+
+    def add_route(self, prefix: str, tunnel: int, mss: int = 0) -> None:
+        """Route an IPv4 or IPv6 customer prefix into tunnel index ``tunnel``."""
+        t, k = self._route_key(prefix)
         v = t.Leaf()
         v.tunnel, v.mss = tunnel, mss
         t[k] = v
 
     def del_route(self, prefix: str) -> None:
-        net = ipaddress.IPv4Network(prefix)
-        t = self.bpf[b"esp_routes4"]
-        k = t.Key()
-        k.prefixlen = net.prefixlen
-        k.addr[:] = list(net.network_address.packed)
+        t, k = self._route_key(prefix)
         with contextlib.suppress(KeyError):
             del t[k]
 
@@ -634,6 +638,9 @@ class IpsecEdge:
         # bpf_fib_lookup forwards only from a device with forwarding on
         with open(f"/proc/sys/net/ipv4/conf/{INTERNAL_ROUTER_END}/forwarding", "w") as f:
             f.write("1")
+        with contextlib.suppress(FileNotFoundError), \
+                open(f"/proc/sys/net/ipv6/conf/{INTERNAL_ROUTER_END}/forwarding", "w") as f:
+            f.write("1")   # absent when IPv6 is disabled
 
     def stats(self) -> dict[str, Any]:
         out = self.datapath.stats()

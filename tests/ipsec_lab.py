@@ -22,6 +22,8 @@ MAC_I0, MAC_INET0 = "02:00:00:00:02:02", "02:00:00:00:02:01"
 EDGE_EP, ROUTER = "192.0.2.1", "192.0.2.2"
 INET_EDGE, INET_HOST = "198.51.100.1", "198.51.100.2"
 CUST_PREFIX = "10.10.0.0/24"
+INET6_EDGE, INET6_HOST = "2001:db8:2::1", "2001:db8:2::2"
+CUST6_PREFIX = "2001:db8:10::/48"
 SO_RCVBUFFORCE = 33
 
 
@@ -59,6 +61,12 @@ def build(lab: netns.Lab, xdp_mode: str = "native") -> EdgeLab:
              mac_b=MAC_INET0)
     cust.ethtool("c0", "gro", "on")
     inet.ethtool("i0", "gro", "on")
+    for ns in (edge, inet):   # static IPv6 addresses usable at once (no duplicate detection)
+        ns.sysctl("net.ipv6.conf.all.accept_dad", 0)
+        ns.sysctl("net.ipv6.conf.default.accept_dad", 0)
+    edge.add_address("inet0", f"{INET6_EDGE}/64")
+    inet.add_address("i0", f"{INET6_HOST}/64")
+    edge.add_neighbour("inet0", INET6_HOST, MAC_I0)
     edge.add_neighbour("cust0", ROUTER, MAC_C0)
     edge.add_neighbour("inet0", INET_HOST, MAC_I0)
     edge.add_route(CUST_PREFIX, gateway=ROUTER)

@@ -70,6 +70,7 @@ class Tun:
                              integ if integ != "none" else None, a_in, a_out, encap)
         el.dp.install(self.sa)
         el.edge_dp.route(L.CUST_PREFIX, self.index)
+        el.edge_dp.route(L.CUST6_PREFIX, self.index)
         self.encap = encap
         self.seq = 0
 
@@ -372,5 +373,34 @@ def test_rekey_while_traffic_flows(el):
         st = el.dp.stats()["tunnels"][t.name]
         assert st["in"]["packets"] == len(sent_old) + len(new_tags)
         t.spi_in = new_in.spi
+    finally:
+        t.delete()
+
+
+def inner_udp6(src: str, dst: str, tag: bytes, hop: int = 64) -> bytes:
+    udp = struct.pack("!HHHH", 40000, 9, 8 + len(tag), 0) + tag
+    return (struct.pack("!IHBB", 0x60000000, len(udp), 17, hop)
+            + ipaddress.IPv6Address(src).packed + ipaddress.IPv6Address(dst).packed + udp)
+
+
+def with_hop(pkt: bytes, hop: int) -> bytes:
+    return pkt[:7] + bytes([hop]) + pkt[8:]
+
+
+def test_ipv6_inner_both_directions(el):
+    t = Tun(el, "gcm128")
+    try:
+        el.i0.drain()
+        inner = inner_udp6("2001:db8:10::5", L.INET6_HOST, b"v6-decrypt")
+        el.to_edge_from_customer(t.esp_from_router(inner))
+        f = el.i0.recv(2.0, match=lambda f: f[12:14] == b"\x86\xdd" and b"v6-decrypt" in f)
+        assert f is not None
+        assert f[:6] == L.mac(L.MAC_I0) and f[14:] == with_hop(inner, 63)
+        el.c0.drain()
+        out = inner_udp6(L.INET6_HOST, "2001:db8:10::5", b"v6-encrypt")
+        el.i0.send(L.eth(L.MAC_INET0, L.MAC_I0, out, 0x86DD))
+        _, esp = recv_esp(el, t)
+        nh, plain, seq = ref_decrypt(t.ref_out, esp)
+        assert (nh, plain, seq) == (41, with_hop(out, 63), 1)
     finally:
         t.delete()

@@ -107,6 +107,18 @@ def test_replace_keeps_old_inbound_until_delete(dp):
     dp.delete(0x101)                                # already gone: no error
 
 
+def test_second_install_for_a_tunnel_keeps_counts(dp):
+    """A new pair for a tunnel without a rekey exchange (a new IKE SA after INITIAL_CONTACT):
+    outbound switches, the older inbound SA stays until deleted, no count is lost."""
+    dp.install(child(0x100, 0x200))
+    assert encrypt(dp, INNER)[0] == "ok"
+    dp.install(child(0x101, 0x201, key_out=b"\x44" * 16))
+    _, out = encrypt(dp, INNER)
+    assert ref_decrypt(RefSa(0x201, "aes-gcm-16", b"\x44" * 16, S2), out[20:])[2] == 1
+    assert dp.stats()["tunnels"]["t"]["out"]["packets"] == 2
+    assert decrypt(dp, [from_peer(0x100, 1)]) == [("ok", INNER)]
+
+
 def test_duplicate_inbound_spi_refused(dp):
     dp.install(child(0x100, 0x200))
     with pytest.raises(ipsec.IpsecError, match="already installed"):

@@ -39,6 +39,7 @@ class Rig:
         self.st.add_endpoint(EP)
         self.st.add_route("10.10.0.0/24", 7, 0)
         self.st.add_route("10.20.0.0/16", 9, 1200)
+        self.st.add_route("2001:db8:10::/48", 11, 0)
         self.ctx = esp.EspContext()
         self.w = self.ctx.worker()
         with self.ns.enter():
@@ -231,3 +232,32 @@ def test_mss_clamp_of_the_route_and_not_on_plain_ack(rig):
     ack, _ = syn(b"\x02\x04\x05\xb4", flags=0x10)                   # not a SYN
     r = rig.run(ack)
     assert r.packet[META_LEN + 14 + 20:] == ack[20:]
+
+
+def ipv6_udp(dst: str, hop: int) -> bytes:
+    udp = struct.pack("!HHHH", 1, 2, 8 + 10, 0) + b"v6-payload"
+    return (struct.pack("!IHBB", 0x60000000, len(udp), 17, hop)
+            + ipaddress.IPv6Address("2001:db8:2::2").packed + ipaddress.IPv6Address(dst).packed
+            + udp)
+
+
+ETH6 = ETH[:12] + b"\x86\xdd"
+
+
+def test_ipv6_customer_prefix_hop_limit_and_steered(rig):
+    pkt = ipv6_udp("2001:db8:10:1::9", 64)
+    b = rig.st.counters()
+    with rig.ns.enter():
+        r = testrun.run(rig.st.steer_fn.fd, ETH6 + pkt, ingress_ifindex=rig.ifindex)
+    assert r.action is XdpAction.REDIRECT
+    assert r.packet == meta(2, 11, 1360) + ETH6 + pkt[:7] + b"\x3f" + pkt[8:]
+    assert rig.delta(b) == {"encrypt": 1}
+
+
+def test_ipv6_hop_limit_expired_and_not_ours(rig):
+    b = rig.st.counters()
+    with rig.ns.enter():
+        for pkt in (ipv6_udp("2001:db8:10::9", 1), ipv6_udp("2001:db8:99::9", 64)):
+            r = testrun.run(rig.st.steer_fn.fd, ETH6 + pkt, ingress_ifindex=rig.ifindex)
+            assert (r.action, r.packet) == (XdpAction.PASS, ETH6 + pkt)
+    assert rig.delta(b) == {"ttl_exceeded": 1}
