@@ -9,10 +9,12 @@ store. It starts (or restarts, or joins late) by listing every SA record at one 
 reconciling the installer with it, then watches from R + 1 and applies each event:
 
 - a put of a new SPI installs it; a put carrying ``replaces`` (a rekey) whose old SPI is
-  installed becomes one ``replace(old, new)``; a put of an installed SPI with changed
-  parameters replaces it in place; a put of an SA equal to the installed one (a write retried
-  across an etcd leader change, a node re-announcing) does nothing;
-- a delete removes the SPI (a no-op if a rekey already retired it);
+  installed becomes one ``replace(old, new)``, and the old SPI stays *retired* (the data path
+  keeps accepting it, RFC 7296 section 2.8) until its own record is deleted; a put of an
+  installed SPI with changed parameters (a new NAT mapping) is ``delete`` then ``install``; a
+  put of an SA equal to the installed one (a write retried across an etcd leader change, a node
+  re-announcing) does nothing;
+- a delete calls ``delete(spi)``, for a retired SPI too;
 - a :class:`~pipeline.store.Resync` (the watch fell behind a compaction) is reconciled like the
   initial list: extra SPIs deleted, missing ones installed, changed ones replaced.
 
@@ -48,6 +50,7 @@ class _Installed:
     key: str
     value: bytes
     sa: ChildSaParams
+    retired: bool = False       # replaced by a rekey; deleted when its record goes
 
 
 class SaSync:
@@ -107,17 +110,24 @@ class SaSync:
             return
         sa = r.sa
         if spi_now is not None:
-            if self.installed[spi_now].sa == sa:               # rewritten, unchanged
-                self.installed[spi_now].value = value
+            cur = self.installed[spi_now]
+            if cur.sa == sa or cur.retired:
+                # Rewritten unchanged, or an update of an SA a rekey already retired: nothing
+                # to do in the data path.
+                cur.value, cur.sa = value, sa
                 return
-            if self._call("replace", key, self.installer.replace, spi_now, sa):
+            # Same SPI, new parameters: the installers add SPIs, they do not edit them.
+            if not self._call("delete", key, self.installer.delete, spi_now):
+                return
+            del self.installed[spi_now], self._spi_of_key[key]
+            if self._call("install", key, self.installer.install, sa):
                 self.installed[sa.spi_in] = _Installed(key, value, sa)
+                self._spi_of_key[key] = sa.spi_in
             return
         old = self.installed.get(r.replaces) if r.replaces is not None else None
-        if old is not None and r.replaces != sa.spi_in:
+        if old is not None and not old.retired and r.replaces != sa.spi_in:
             if self._call("replace", key, self.installer.replace, r.replaces, sa):
-                del self.installed[r.replaces]
-                del self._spi_of_key[old.key]
+                old.retired = True
                 self.installed[sa.spi_in] = _Installed(key, value, sa)
                 self._spi_of_key[key] = sa.spi_in
             return
@@ -128,7 +138,7 @@ class SaSync:
     def _delete(self, key: str) -> None:
         spi = self._spi_of_key.get(key)
         if spi is None:
-            return                        # never installed, or already retired by a rekey
+            return                        # never installed (undecodable, or a failed install)
         if self._call("delete", key, self.installer.delete, spi):
             del self._spi_of_key[key]
             del self.installed[spi]

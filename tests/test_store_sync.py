@@ -112,7 +112,7 @@ def test_restarted_node_rebuilds_then_follows(open_store, layout):
     b2.stop()
 
 
-def test_changed_sa_replaced_in_place_and_bad_records_counted(open_store, layout):
+def test_changed_sa_reinstalled_and_bad_records_counted(open_store, layout):
     a = node(open_store, layout, 1)
     inst = RecordingSaInstaller()
     b = SaSync(node(open_store, layout, 2), inst, name="b").start()
@@ -129,8 +129,8 @@ def test_changed_sa_replaced_in_place_and_bad_records_counted(open_store, layout
     s2 = child_sa(2)
     a.put_child_sa(s2)
     assert inst.wait_for(lambda s: same(s, [moved, s2]), 20)
-    assert inst.events == [("install", s1.spi_in), ("replace", s1.spi_in),
-                           ("install", s2.spi_in)]
+    assert inst.events == [("install", s1.spi_in), ("delete", s1.spi_in),
+                           ("install", s1.spi_in), ("install", s2.spi_in)]
     assert b.drops == {DROP_UNDECODABLE: 2, DROP_BAD_KEY: 1}
     b.stop()
 
@@ -270,3 +270,37 @@ def test_ike_on_any_node_through_store_installer(open_store, layout):
     lone.delete(s3.spi_in)
     lone.delete(0x0BADBAD0)                          # unknown: nothing to do, no error
     assert nodes["b"][0].state.store.list(layout.sas).records == ()
+
+
+def test_native_esp_data_path_through_the_store(tmp_path):
+    """The real data-path installer (pipeline.ipsec.IpsecDataPath, native ESP SA table) behind
+    SaSync: a rekey keeps the old inbound SA until its record is deleted (RFC 7296 2.8), a NAT
+    mapping change re-installs the pair, a delete removes it."""
+    from pipeline.ipsec import IpsecDataPath, TunnelInfo
+    path = tmp_path / "s.db"
+    dp = IpsecDataPath({"0b1d2c3e": TunnelInfo("site-c", 3)}, node_id=2)
+    with SqliteStore(path) as s:
+        a = SharedState(s, FLEET, node=1)
+        b = SaSync(SharedState(SqliteStore(path), FLEET), dp)
+        b.rebuild()
+        s1, s2 = child_sa(1), child_sa(2)
+        a.put_child_sa(s1)
+        b.step(2.0)
+        assert dp.installed() == {s1.spi_in: ("site-c", 3, s1.spi_out, True)}
+        a.put_child_sa(s2, replaces=s1.spi_in)            # the rekey's first half
+        b.step(2.0)
+        assert dp.installed() == {s1.spi_in: ("site-c", 3, s1.spi_out, False),
+                                  s2.spi_in: ("site-c", 3, s2.spi_out, True)}
+        a.delete_child_sa("site-c", s1.spi_in)             # ...and its second
+        b.step(2.0)
+        assert dp.installed() == {s2.spi_in: ("site-c", 3, s2.spi_out, True)}
+        a.put_child_sa(dataclasses.replace(s2, encap_remote_port=40000))
+        b.step(2.0)
+        assert dp.installed() == {s2.spi_in: ("site-c", 3, s2.spi_out, True)}
+        assert b.installed[s2.spi_in].sa.encap_remote_port == 40000
+        a.delete_child_sa("site-c", s2.spi_in)
+        b.step(2.0)
+        assert dp.installed() == {}
+        assert not b.drops and b.applied == 6     # install, replace, delete, delete+install, delete
+        b.state.store.close()
+    dp.close()
