@@ -173,16 +173,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         a.rounds, a.seconds = 1, 0.2
     t0 = time.time()
     crypto = crypto_only(a.sizes, max(1, a.rounds // 2), 0.05 if a.smoke else 0.2)
-    with rates.Topology() as topo:
+    sw_runs: list[dict] = []
+    with contextlib.ExitStack() as stack:
+        sw = None if a.no_strongswan else stack.enter_context(
+            bench_ipsec_strongswan.StrongswanTunnel())
+        topo = stack.enter_context(rates.Topology())
         setup_routes(topo)
         cs, ratios = cases(a.sizes)
         bench = rates.Bench(topo, cs, cpus=[GEN_CPU], seconds=a.seconds, warmup=0.1)
-        try:
-            bench.run(a.rounds, log=lambda m: print(m, file=sys.stderr, flush=True))
-            print(bench.table(ratios))
-            summary = bench.summary(ratios)
-        finally:
-            bench.close()
+        stack.callback(bench.close)
+        log = lambda m: print(m, file=sys.stderr, flush=True)
+        for r in range(a.rounds):
+            # one round of every case, then (same round) the strongSwan baseline: a neighbour's
+            # load hits both alike
+            bench.run(1, log=log)
+            if sw is not None:
+                sw_runs.append(sw.iperf(1.0 if a.smoke else 2.0))
+                log(f"round {r + 1}/{a.rounds} strongswan iperf3 "
+                    f"{sw_runs[-1]['bits_per_second'] / 1e6:.1f} Mbit/s")
+        print(bench.table(ratios))
+        summary = bench.summary(ratios)
     print()
     for k, v in crypto.items():
         print(f"{k:<24} {v / 1e6:7.3f} Mpps (one core, no packet I/O)")
@@ -192,15 +202,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         dec = summary["cases"][f"decrypt_fwd/{s}"]["mpps_best"] * 1e6
         print(f"decrypt_fwd/{s} / min(xsk_fwd_veth, crypto_decrypt): {dec / ceil:.3f}")
     summary["crypto_only_pps"] = {k: round(v) for k, v in crypto.items()}
-    if not a.no_strongswan:
-        # after the rates, never beside them (both would lose); the same ESP transform
-        sw = bench_ipsec_strongswan.measure(2.0 if a.smoke else 5.0)
-        summary["strongswan"] = sw
-        print(f"strongswan kernel-libipsec iperf3 TCP: {sw['bits_per_second'] / 1e6:.1f} Mbit/s")
+    if sw_runs:
+        best = max(sw_runs, key=lambda x: x["bits_per_second"])
+        summary["strongswan"] = {"best": best,
+                                 "rounds_mbps": [round(x["bits_per_second"] / 1e6, 1)
+                                                 for x in sw_runs]}
+        print(f"strongswan kernel-libipsec iperf3 TCP, best of {len(sw_runs)}: "
+              f"{best['bits_per_second'] / 1e6:.1f} Mbit/s (rounds "
+              f"{summary['strongswan']['rounds_mbps']})")
         for s in a.sizes:
             ours = summary["cases"][f"decrypt_fwd/{s}"]["mpps_best"] * 1e6 * s * 8
             print(f"decrypt_fwd/{s}: {ours / 1e9:.2f} Gbit/s of inner packets = "
-                  f"{ours / sw['bits_per_second']:.1f}x strongSwan")
+                  f"{ours / best['bits_per_second']:.1f}x strongSwan")
     summary["started"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t0))
     if a.json:
         a.json.write_text(json.dumps(summary, indent=2))
