@@ -84,51 +84,114 @@ def _be32(addr_or_int) -> int:
     return struct.unpack("=I", raw)[0]
 
 
-def _compile_edge():
+def _compile_edge(cflags: Sequence[str] = ()):
     from bcc import BPF
 
     from pipeline.xdp.source import amalgamate
     src = EDGE_SRC
     try:
-        return BPF(text=amalgamate(src).encode(), cflags=[f"-I{src.parent}"])
+        return BPF(text=amalgamate(src).encode(), cflags=[f"-I{src.parent}", *cflags])
     except Exception as exc:
         raise rates.BenchError(f"compiling {src.name}: {exc}") from exc
 
 
-def fill_direct(bpf, tunnel: int = 1) -> None:
-    """One keyed GRE tunnel written straight into the data plane's maps (layouts from
-    bpf/structs.h), for as long as pipeline/xdp/dataplane.py (the product's loader) is not there
-    to do it from a configuration."""
+def _tunnel_params(i: int) -> tuple[str, int, str]:
+    """(customer router, GRE key, prefix) of tunnel ``i``: tunnel 1 is the benchmark's own,
+    the others are filler for the scaling measurement (never on the wire)."""
+    if i == 1:
+        return CUSTOMER, GRE_KEY, CUSTOMER_PREFIX
+    customer = str(ipaddress.IPv4Address(0x0A000000 + i))  # 10.x.y.z
+    prefix = f"{ipaddress.IPv4Address(0x65000000 + (i << 8))}/24"  # 101.x.y.0/24 upward
+    return customer, GRE_KEY + i, prefix
+
+
+def fill_direct(bpf, first: int = 1, last: int = 1) -> None:
+    """Keyed GRE tunnels ``first``..``last`` (and one prefix each) written straight into the
+    data plane's maps (layouts from bpf/structs.h), for as long as pipeline/xdp/dataplane.py
+    (the product's loader) is not there to do it from a configuration."""
     ep = bpf[b"xt_endpoints"]
     ep[ep.Key(_be32(EDGE_ENDPOINT))] = ep.Leaf(1)
-    dec = bpf[b"xt_gre_decap"]
-    k = dec.Key()
-    k.edge, k.customer, k.key, k.has_key = (_be32(EDGE_ENDPOINT), _be32(CUSTOMER),
-                                            _be32(GRE_KEY), 1)
-    dec[k] = dec.Leaf(tunnel)
-    tun = bpf[b"xt_tunnels"]
-    t = tun.Leaf()
-    t.kind, t.flags = XT_KIND_GRE, XT_TUN_F_KEY
-    t.edge, t.customer, t.key = _be32(EDGE_ENDPOINT), _be32(CUSTOMER), _be32(GRE_KEY)
-    t.mtu, t.mss, t.ttl = TUNNEL_MTU, TUNNEL_MSS, 64
-    tun[tun.Key(tunnel)] = t
-    r4 = bpf[b"xt_routes4"]
-    net = ipaddress.IPv4Network(CUSTOMER_PREFIX)
-    rk = r4.Key()
-    rk.prefixlen = net.prefixlen
-    for i, b in enumerate(net.network_address.packed):
-        rk.addr[i] = b
-    rv = r4.Leaf()
-    rv.count = 1
-    rv.tunnels[0] = tunnel
-    r4[rk] = rv
+    dec, tun, r4 = bpf[b"xt_gre_decap"], bpf[b"xt_tunnels"], bpf[b"xt_routes4"]
+    for i in range(first, last + 1):
+        customer, key, prefix = _tunnel_params(i)
+        k = dec.Key()
+        k.edge, k.customer, k.key, k.has_key = (_be32(EDGE_ENDPOINT), _be32(customer),
+                                                _be32(key), 1)
+        dec[k] = dec.Leaf(i)
+        t = tun.Leaf()
+        t.kind, t.flags = XT_KIND_GRE, XT_TUN_F_KEY
+        t.edge, t.customer, t.key = _be32(EDGE_ENDPOINT), _be32(customer), _be32(key)
+        t.mtu, t.mss, t.ttl = TUNNEL_MTU, TUNNEL_MSS, 64
+        tun[tun.Key(i)] = t
+        net = ipaddress.IPv4Network(prefix)
+        rk = r4.Key()
+        rk.prefixlen = net.prefixlen
+        for j, b in enumerate(net.network_address.packed):
+            rk.addr[j] = b
+        rv = r4.Leaf()
+        rv.count = 1
+        rv.tunnels[0] = i
+        r4[rk] = rv
+
+
+BENCH_CONFIG = f"""
+# The benchmark's edge: one keyed GRE tunnel and one customer prefix (bench/bench_gre_rate.py).
+[node]
+id = 1
+name = "bench-dut"
+ipsec_domain = "example.net"
+tunnel_endpoints = ["{EDGE_ENDPOINT}"]
+
+[[node.interfaces]]
+name = "{rates.Topology.dut_in}"
+role = "both"
+
+[tunnels.gre.bench]
+id = "00000000000000000000000000000001"
+index = 1
+customer_endpoint = "{CUSTOMER}"
+edge_endpoint = "{EDGE_ENDPOINT}"
+interface_address = "10.200.0.0/31"
+key = {GRE_KEY}
+ttl = 64
+mtu = {TUNNEL_MTU}
+mss = {TUNNEL_MSS}
+
+[[routes]]
+prefix = "{CUSTOMER_PREFIX}"
+tunnel = "bench"
+priority = 100
+"""
+
+
+def product_loader_available() -> bool:
+    try:
+        import pipeline.xdp.dataplane  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 @contextlib.contextmanager
 def gre_plug(topo: rates.Topology, mode: str = "native"):
-    """Attach the product's data plane (bpf/xdp_edge.c) to the DUT's ingress with one keyed
-    GRE tunnel: edge EDGE_ENDPOINT, customer CUSTOMER, key GRE_KEY, prefix CUSTOMER_PREFIX,
-    MTU 1476, MSS 1436. Compiled and filled once per topology; attached per measurement."""
+    """Attach the product's data plane (bpf/xdp_edge.c) to the DUT's ingress configured with
+    BENCH_CONFIG: one keyed GRE tunnel (edge EDGE_ENDPOINT, customer CUSTOMER, key GRE_KEY,
+    prefix CUSTOMER_PREFIX, MTU 1476, MSS 1436). Through the product's loader
+    (pipeline.xdp.dataplane.Dataplane, started in the DUT's namespace, the program compiled once
+    per topology) when it is there; else the same program with the maps written directly."""
+    if product_loader_available():
+        from pipeline.config import loads
+        from pipeline.xdp.dataplane import Dataplane, compile_program
+        program = topo.compiled("dataplane_program", compile_program)
+        dp = Dataplane(loads(BENCH_CONFIG), ifaces=[topo.dut_in], mode=mode, program=program,
+                       pin=False)
+        with lg._thread_in_netns(topo.dut.name):
+            dp.start()
+        try:
+            yield dp
+        finally:
+            dp.close()
+        return
     bpf = topo.compiled("xdp_edge", _compile_edge)
     if "xdp_edge_filled" not in topo.cache:
         fill_direct(bpf)
@@ -159,15 +222,90 @@ def gre_cases(sizes: Sequence[int], plug=gre_plug) -> tuple[list[rates.Case],
     return cases, ratios
 
 
+# --- per-packet program cost, and its flatness from 10 to 100,000 tunnels ----------------------
+
+SCALE = (10, 1_000, 100_000)
+
+
+def program_costs(topo: rates.Topology, scale: Sequence[int] = SCALE, size: int = 64,
+                  repeat: int = 200_000, rounds: int = 5, log=None) -> dict:
+    """ns per packet of xdp_edge on the decap and encap frames (through the cost rig, since the
+    program rewrites what it forwards) with 10 .. 100,000 tunnels and prefixes installed, and of
+    the parse-Ethernet/IPv4-and-XDP_TX baseline (a plain repeated test run: it rewrites nothing).
+    Timed in the DUT's namespace with d0 as the ingress device, so FIB lookups resolve."""
+    from bcc import BPF
+
+    from pipeline.xdp.testrun import XdpAction
+    most = max(scale)
+    edge = _compile_edge([f"-DXT_MAX_TUNNELS={max(65536, 2 * most)}",
+                          f"-DXT_MAX_PREFIXES={max(131072, 2 * most)}",
+                          f"-DXT_MAX_TUNNEL_DROPS={max(65536, 2 * most)}"])
+    base = lg._compile(lg.BPF_DIR / "bench_parse_tx.c")
+    try:
+        prog = edge.load_func(b"xdp_edge", BPF.XDP)
+        parse_tx = base.load_func(b"xdp_bench_parse_tx", BPF.XDP)
+        ref = base.load_func(b"xdp_bench_tx", BPF.XDP)
+        out: dict = {"parse_tx_ns": rates.prog_cost_ns(
+            topo.dut, topo.dut_in, parse_tx.fd, inner_frame(size).data, repeat=repeat,
+            rounds=rounds, expect=XdpAction.TX), "tunnels": {}}
+        fwd = topo.compiled("bench_fwd", lambda: lg._compile(lg.BPF_DIR / "bench_fwd.c"))
+        with lg.CostRig(inner_frame(size), ref.fd) as rig_i:
+            out["reference_fwd_ns"] = rig_i.cost_ns(
+                fwd.load_func(b"xdp_bench_fwd", BPF.XDP).fd, ns=topo.dut, ifname=topo.dut_in,
+                repeat=repeat, rounds=rounds, expect=XdpAction.REDIRECT)
+        filled = 0
+        with lg.CostRig(decap_frame(size), ref.fd) as rig_d, \
+                lg.CostRig(encap_frame(size), ref.fd) as rig_e:
+            for n in sorted(scale):
+                fill_direct(edge, filled + 1, n)
+                filled = n
+                out["tunnels"][n] = {
+                    "decap_ns": rig_d.cost_ns(prog.fd, ns=topo.dut, ifname=topo.dut_in,
+                                              repeat=repeat, rounds=rounds,
+                                              expect=XdpAction.REDIRECT),
+                    "encap_ns": rig_e.cost_ns(prog.fd, ns=topo.dut, ifname=topo.dut_in,
+                                              repeat=repeat, rounds=rounds,
+                                              expect=XdpAction.REDIRECT),
+                }
+                if log:
+                    log(f"cost with {n} tunnels: {out['tunnels'][n]}")
+        return out
+    finally:
+        edge.cleanup()
+        base.cleanup()
+
+
+def cost_report(costs: dict) -> list[str]:
+    p = costs["parse_tx_ns"]
+    lines = [(f"per-packet cost (BPF_PROG_TEST_RUN, best of rounds): parse Ethernet/IPv4 + "
+              f"XDP_TX {p:.0f} ns; plain XDP router (FIB lookup + redirect, no tunnel) "
+              f"{costs['reference_fwd_ns']:.0f} ns = {costs['reference_fwd_ns'] / p:.2f}x")]
+    for path in ("decap", "encap"):
+        vals = {n: c[f"{path}_ns"] for n, c in costs["tunnels"].items()}
+        for n, v in vals.items():
+            lines.append(f"  {path:<5} with {n:>6} tunnels+prefixes: {v:5.0f} ns = "
+                         f"{v / p:.2f}x the baseline")
+        worst = max(vals.values()) / min(vals.values()) - 1
+        lines.append(f"  {path} spread from {min(vals)} to {max(vals)} tunnels: {worst:.1%} "
+                     f"({'met' if worst <= 0.10 else 'MISSED'}: within 10%)")
+        top = vals[max(vals)] / p
+        lines.append(f"  {path} cost <= 2.5x the baseline: {top:.2f}x "
+                     f"({'met' if top <= 2.5 else 'MISSED'})")
+    return lines
+
+
 def targets(bench: rates.Bench, sizes: Sequence[int]) -> list[str]:
+    """The issue's rate targets, judged on the lower of best/best and the median of within-round
+    ratios (a lucky quiet round for one case must not decide a target)."""
     out = []
     for s in sizes:
-        ceil = bench.ratio(f"gre_decap/{s}", f"xdp_drop/gre/{s}")
-        kern = bench.ratio(f"gre_decap/{s}", f"kernel_fwd/{s}")
-        out.append(f"target decap/{s} >= 50% of the XDP_DROP ceiling: {ceil:.1%} "
-                   f"({'met' if ceil >= 0.5 else 'MISSED'})")
-        out.append(f"target decap/{s} >= 2.5x kernel forwarding: {kern:.2f}x "
-                   f"({'met' if kern >= 2.5 else 'MISSED'})")
+        for num, den, goal, what in (
+                (f"gre_decap/{s}", f"xdp_drop/gre/{s}", 0.5, "50% of the XDP_DROP ceiling"),
+                (f"gre_decap/{s}", f"kernel_fwd/{s}", 2.5, "2.5x kernel forwarding")):
+            best, med = bench.ratio(num, den), bench.ratio_median(num, den)
+            low = min(best, med)
+            out.append(f"target {num} >= {what}: {low:.3f} (best/best {best:.3f}, median of "
+                       f"rounds {med:.3f}) {'met' if low >= goal else 'MISSED'}")
     return out
 
 
@@ -180,6 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--cpus", help="generator CPUs, comma-separated (default: all allowed)")
     p.add_argument("--mode", choices=("native", "generic"), default="native")
     p.add_argument("--smoke", action="store_true", help="one round of 0.2 s, 64 bytes")
+    p.add_argument("--no-cost", action="store_true", help="skip the per-packet cost phase")
     p.add_argument("--json", help="write the summary here")
     a = p.parse_args(argv)
     if a.smoke:
@@ -196,12 +335,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             bench.run(a.rounds, log=lambda s: print(s, file=sys.stderr))
         finally:
             bench.close()
+        costs = None
+        if not a.no_cost:
+            # after the rates (never at the same time: the cost phase keeps a CPU busy)
+            costs = program_costs(topo, (10, 1000) if a.smoke else SCALE,
+                                  repeat=20_000 if a.smoke else 200_000,
+                                  rounds=1 if a.smoke else 5,
+                                  log=lambda s: print(s, file=sys.stderr))
     print(bench.table(ratios))
     print("\n".join(targets(bench, sizes)))
-    print(f"({len(bench.cpus)} generator CPUs, {a.mode} mode, {a.rounds} rounds of {a.seconds} s "
-          f"per case, {time.monotonic() - t0:.0f} s in all)")
+    if costs:
+        print("\n".join(cost_report(costs)))
+    loader = ("pipeline.xdp.dataplane" if product_loader_available()
+              else "maps written directly (no pipeline.xdp.dataplane)")
+    print(f"({len(bench.cpus)} generator CPUs, {a.mode} mode, data plane loaded by {loader}, "
+          f"{a.rounds} rounds of {a.seconds} s per case, {time.monotonic() - t0:.0f} s in all)")
     if a.json:
-        Path(a.json).write_text(json.dumps(bench.summary(ratios), indent=2) + "\n")
+        summary = bench.summary(ratios)
+        summary["program_cost"] = costs
+        Path(a.json).write_text(json.dumps(summary, indent=2) + "\n")
     return 0
 
 

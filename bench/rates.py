@@ -252,13 +252,14 @@ class Bench:
         self.count = count  # send exactly this many frames per measurement instead of timing
         self.cpus = list(cpus) if cpus else sorted(os.sched_getaffinity(0))
         self.results: dict[str, list[Measurement]] = {c.name: [] for c in cases}
-        self._gens: dict[str, lg.LoadGen] = {}
+        self._gens: dict[tuple, lg.LoadGen] = {}
 
     def _gen(self, case: Case) -> lg.LoadGen:
-        if case.name not in self._gens:
-            self._gens[case.name] = lg.LoadGen(self.topo.gen, self.topo.gen_if, case.frames,
-                                               cpus=self.cpus)
-        return self._gens[case.name]
+        key = tuple(case.frames)  # cases sending the same frames share one generator
+        if key not in self._gens:
+            self._gens[key] = lg.LoadGen(self.topo.gen, self.topo.gen_if, case.frames,
+                                         cpus=self.cpus)
+        return self._gens[key]
 
     @contextlib.contextmanager
     def _setup(self, case: Case):

@@ -361,3 +361,29 @@ def test_cost_rig_times_every_run_on_the_template(rates):
             with pytest.raises(lg.LoadGenError, match="expected"):
                 rig.cost_ns(fwd_fn.fd, ns=topo.dut, ifname="d0", repeat=10, rounds=1,
                             expect=XdpAction.TX)
+
+
+# --- the GRE rate benchmark's plug (bench/bench_gre_rate.py), smoke -----------------------------
+
+@pytest.mark.netns
+def test_gre_bench_delivers_exactly_n_decapsulated_and_encapsulated(rates):
+    """The GRE benchmark's cases, counted instead of timed: N GRE frames in, N decapsulated
+    inner packets (14 + 64 bytes) at the sink; N plain packets in, N encapsulated ones
+    (14 + 20 + 8 + 64 bytes, keyed GRE) at the sink; the ceiling and kernel cases exact too."""
+    from bench import bench_gre_rate as gre
+    n = 10_000
+    cases, _ratios = gre.gre_cases([64])
+    with rates.Topology() as topo:
+        gre.prepare(topo)
+        bench = rates.Bench(topo, cases, cpus=[min(os.sched_getaffinity(0))], warmup=0,
+                            count=n)
+        try:
+            bench.run(1)
+        finally:
+            bench.close()
+    want = {"xdp_drop/gre/64": 106, "xdp_drop/plain/64": 78, "kernel_fwd/64": 78,
+            "gre_decap/64": 78, "gre_encap/64": 106}
+    for name, size in want.items():
+        m = bench.results[name][0]
+        assert (m.offered, m.delivered, m.delivered_bytes) == (n, n, n * size), (name, m.dut)
+    assert bench.results["gre_decap/64"][0].dut["d0.rxq_xdp_redirect"] == n
