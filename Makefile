@@ -16,6 +16,7 @@ demo: setup
 bench: setup
 	$(PYTEST) bench -q --benchmark-enable --benchmark-only -p no:cacheprovider
 	$(PY) -m bench.rates --generic
+	$(PY) -m bench.bench_gre_rate
 
 lint: setup
 	.venv/bin/ruff check pipeline tests bench
