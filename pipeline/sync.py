@@ -28,6 +28,7 @@ the sync carries on.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 from collections import Counter
@@ -45,10 +46,15 @@ DROP_INSTALL_FAILED = "install_failed"  # the installer raised
 RETRY_MIN_S, RETRY_MAX_S = 0.2, 30.0    # rebuild back-off after a store failure
 
 
+def _digest(value: bytes) -> bytes:
+    """What an installed SA remembers of its record: 16 bytes, not the ~1 KB record."""
+    return hashlib.blake2b(value, digest_size=16).digest()
+
+
 @dataclass
 class _Installed:
     key: str
-    value: bytes
+    value: bytes                # _digest() of the record
     sa: ChildSaParams
     retired: bool = False       # replaced by a rekey; deleted when its record goes
 
@@ -101,11 +107,12 @@ class SaSync:
         self.applied += 1
         return True
 
-    def _put(self, key: str, value: bytes) -> None:
+    def _put(self, key: str, raw: bytes) -> None:
         spi_now = self._spi_of_key.get(key)
+        value = _digest(raw)
         if spi_now is not None and self.installed[spi_now].value == value:
             return                                              # a repeated write
-        r = self._decode(key, value)
+        r = self._decode(key, raw)
         if r is None:
             return
         sa = r.sa
