@@ -29,6 +29,7 @@ import ipaddress
 import json
 import struct
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -164,6 +165,26 @@ priority = 100
 """
 
 
+def _in_thread(fn) -> None:
+    """Run ``fn`` in a short-lived thread and re-raise what it raised. The loader enters other
+    network namespaces (it looks for each veth's peer in every named one); from the main
+    thread that would make this whole process show up in `ip netns pids` of someone else's
+    namespace, and a test harness tearing that namespace down kills what it finds there
+    (pipeline.netns.Lab.close). Another thread's namespace is not the process's."""
+    box: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            fn()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            box.append(exc)
+    t = threading.Thread(target=run, name="dataplane-setup")
+    t.start()
+    t.join()
+    if box:
+        raise box[0]
+
+
 def product_loader_available() -> bool:
     try:
         import pipeline.xdp.dataplane  # noqa: F401
@@ -185,12 +206,15 @@ def gre_plug(topo: rates.Topology, mode: str = "native"):
         program = topo.compiled("dataplane_program", compile_program)
         dp = Dataplane(loads(BENCH_CONFIG), ifaces=[topo.dut_in], mode=mode, program=program,
                        pin=False)
-        with lg._thread_in_netns(topo.dut.name):
-            dp.start()
+
+        def start() -> None:
+            with lg._thread_in_netns(topo.dut.name):
+                dp.start()
+        _in_thread(start)
         try:
             yield dp
         finally:
-            dp.close()
+            _in_thread(dp.close)
         return
     bpf = topo.compiled("xdp_edge", _compile_edge)
     if "xdp_edge_filled" not in topo.cache:
