@@ -10,6 +10,11 @@ CUSTOMER2 = "198.51.100.20"
 
 def config(node: str = "edge-test", interfaces: tuple[str, ...] = ("eth0",), extra: str = "",
            routes: str | None = None) -> object:
+    return loads(toml(node, interfaces, extra, routes), file="test.toml")
+
+
+def toml(node: str = "edge-test", interfaces: tuple[str, ...] = ("eth0",), extra: str = "",
+         routes: str | None = None) -> str:
     ifs = "\n".join(f"[[node.interfaces]]\nname = \"{i}\"\nrole = \"both\"\n" for i in interfaces)
     if routes is None:
         routes = """
@@ -34,7 +39,7 @@ tunnel = "keyed"
 prefix = "198.18.0.0/24"
 tunnel = "other"
 """
-    return loads(f"""
+    return f"""
 [node]
 id = 1
 name = "{node}"
@@ -64,4 +69,4 @@ edge_endpoint = "{EDGE}"
 interface_address = "10.200.0.4/31"
 {extra}
 {routes}
-""", file="test.toml")
+"""

@@ -7,11 +7,11 @@ and neighbours (ingress: cust0; Internet side: inet0).
 from __future__ import annotations
 
 import pytest
+from gre_support import CUSTOMER, CUSTOMER2, EDGE, config
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import GRE, Ether
 
-from gre_support import CUSTOMER, CUSTOMER2, EDGE, config
 from pipeline import netns
 from pipeline.xdp import testrun
 from pipeline.xdp.dataplane import Dataplane, compile_program, flow_hash4, pick
@@ -148,14 +148,17 @@ def test_mss_clamped_at_any_offset(dp, prog, fwd_ns, options):
 
 
 def test_mss_checksum_fold_carries_twice(dp, prog, fwd_ns):
-    # pick a source port so the incremental sum overflows 16 bits twice (RFC 1624 eqn. 3)
-    for sport in range(1, 65536):
-        inner = IP(src="203.0.113.7", dst=OUTSIDE, ttl=64, id=7) / TCP(
-            sport=sport, dport=443, flags="S", seq=1, options=[("MSS", 0xFFFF)])
-        check = IP(bytes(inner))[TCP].chksum
-        total = (~check & 0xFFFF) + (~0xFFFF & 0xFFFF) + 1436
-        if (total & 0xFFFF) + (total >> 16) > 0xFFFF:
-            break
+    """RFC 1624 eqn. 3 with a sum that carries out of 16 bits twice: MSS 1536 -> 1436 at an odd
+    offset (bytes swapped in the sum) and a source port chosen so ~HC + ~m + m' == 0x1ffff."""
+    def pkt(sport):
+        return IP(src="203.0.113.7", dst=OUTSIDE, ttl=64, id=7) / TCP(
+            sport=sport, dport=443, flags="S", seq=1, options=[("NOP", None), ("MSS", 1536)])
+    s0 = ~IP(bytes(pkt(0)))[TCP].chksum & 0xFFFF          # one's complement sum with sport 0
+    sport = (0x6401 - s0) % 0xFFFF                         # makes ~HC == 0x6401
+    inner = pkt(sport)
+    hc = IP(bytes(inner))[TCP].chksum
+    total = (~hc & 0xFFFF) + (~0x0006 & 0xFFFF) + 0x9C05    # swapped 0x0600 -> swapped 0x059c
+    assert total == 0x1FFFF and (total & 0xFFFF) + (total >> 16) == 0x10000
     res = run(fwd_ns, prog, gre_in(inner))
     assert res.packet == forwarded(inner, mss=1436)
 

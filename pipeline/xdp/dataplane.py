@@ -30,6 +30,7 @@ import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 from ..config import Config, GreTunnel, IpsecTunnel
 from . import maps as _maps
@@ -262,7 +263,7 @@ class Dataplane:
             raise
         return self
 
-    def __enter__(self) -> Dataplane:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -416,10 +417,10 @@ class Dataplane:
         if present and present != mode:
             # a crashed run's program in the other mode would make the attach fail
             log.info("%s: removing an XDP program left in %s mode", ifname, present)
-            BPF.remove_xdp(ifname, MODE_FLAGS[present])
+            BPF.remove_xdp(ifname.encode(), MODE_FLAGS[present])
         try:
-            BPF.attach_xdp(ifname, self.program.entry, MODE_FLAGS[mode])  # replaces, no stacking
-        except Exception as e:  # noqa: BLE001 - bcc raises plain Exception
+            BPF.attach_xdp(ifname.encode(), self.program.entry, MODE_FLAGS[mode])  # replaces, no stacking
+        except Exception as e:
             raise DataplaneError(f"{ifname}: XDP attach in {mode} mode failed: {e}") from e
         a = _Attached(ifname, mode)
         self._attached.append(a)
@@ -427,13 +428,13 @@ class Dataplane:
             if mode == "native":
                 a.peer = self._prepare_peer(ifname, link)
             else:
-                subprocess.run(["ethtool", "-K", ifname, "gro", "on"], capture_output=True)
+                subprocess.run(["ethtool", "-K", ifname, "gro", "on"], capture_output=True, check=False)
 
     def _prepare_peer(self, ifname: str, link: dict) -> tuple[str, str] | None:
         """Give the veth peer an XDP program if it has none (see the module docstring)."""
         from bcc import BPF
-        from pyroute2 import IPRoute, netns
-        candidates = [""] if link["netnsid"] is None else netns.listnetns()
+        from pyroute2 import IPRoute
+        candidates = [""] if link["netnsid"] is None else self._named_nsid(link["netnsid"])
         for name in candidates:
             with self._entered(name):
                 with IPRoute() as ipr:
@@ -445,20 +446,32 @@ class Dataplane:
                 xdp = msgs[0].get("IFLA_XDP")
                 if xdp is not None and xdp.get("IFLA_XDP_ATTACHED"):
                     return None          # it has a program already: redirects arrive
-                BPF.attach_xdp(peer, self.program.peer_pass, XDP_FLAGS_DRV_MODE)
+                BPF.attach_xdp(peer.encode(), self.program.peer_pass, XDP_FLAGS_DRV_MODE)
                 return (name, peer)
         log.warning("%s: veth peer not found in a named namespace: native XDP_REDIRECT/XDP_TX "
                     "into %s are dropped unless its peer has an XDP program or GRO on "
                     "(xtransit doctor)", ifname, ifname)
         return None
 
+    @staticmethod
+    def _named_nsid(nsid: int) -> list[str]:
+        """The named namespace (/run/netns) this namespace knows as ``nsid``, if any."""
+        import json
+        proc = subprocess.run(["ip", "-j", "netns", "list-id"], capture_output=True, text=True,
+                              check=False)
+        try:
+            entries = json.loads(proc.stdout or "[]")
+        except ValueError:
+            return []
+        return [e["name"] for e in entries if e.get("nsid") == nsid and e.get("name")]
+
     def _detach(self, a: _Attached) -> None:
         from bcc import BPF
         with contextlib.suppress(Exception):
-            BPF.remove_xdp(a.ifname, MODE_FLAGS[a.mode])
+            BPF.remove_xdp(a.ifname.encode(), MODE_FLAGS[a.mode])
         if a.peer:
             with self._entered(a.peer[0]), contextlib.suppress(Exception):
-                BPF.remove_xdp(a.peer[1], XDP_FLAGS_DRV_MODE)
+                BPF.remove_xdp(a.peer[1].encode(), XDP_FLAGS_DRV_MODE)
 
     @contextlib.contextmanager
     def _entered(self, ns_name: str):

@@ -58,7 +58,7 @@ def ensure_bpffs(root: Path = Path("/sys/fs/bpf")) -> None:
     st = _Statfs()
     if _libc.statfs(str(root).encode(), ctypes.byref(st)) == 0 and st.f_type == BPF_FS_MAGIC:
         return
-    proc = subprocess.run(["mount", "-t", "bpf", "bpf", str(root)], capture_output=True,
+    proc = subprocess.run(["mount", "-t", "bpf", "bpf", str(root)], capture_output=True, check=False,
                           text=True)
     if proc.returncode != 0:
         raise MapError(0, f"cannot mount the BPF filesystem at {root}: {proc.stderr.strip()}")
