@@ -443,9 +443,14 @@ def _le32(addr: str) -> int:
 
 
 class Steering:
-    """The steering and forwarding XDP programs (bpf/xdp_esp_test.c) and their maps."""
+    """The steering and forwarding XDP programs (bpf/xdp_esp_test.c) and their maps.
 
-    def __init__(self, cflags: list[str] | None = None) -> None:
+    ``edge_bpf``: the edge program's bcc object when bpf/xdp_edge.c is built with
+    -DXT_FEATURE_ESP. Its steering hooks then use the XSKMAP, slot map and counters in *that*
+    object (``steer_maps``); this object still provides the forwarder for the internal veth.
+    """
+
+    def __init__(self, cflags: list[str] | None = None, edge_bpf: Any = None) -> None:
         from bcc import BPF  # imported late: bcc is heavy and needs root to load
 
         self._BPF = BPF
@@ -453,7 +458,9 @@ class Steering:
         self.steer_fn = self.bpf.load_func(b"xdp_esp_steer", BPF.XDP)
         self.fwd_fn = self.bpf.load_func(b"xdp_esp_fwd", BPF.XDP)
         self._attached: list[tuple[str, int]] = []
-        self.xsks = self.bpf[b"esp_xsks"]
+        self.steer_maps = edge_bpf if edge_bpf is not None else self.bpf
+        self.external = edge_bpf is not None
+        self.xsks = self.steer_maps[b"esp_xsks"]
         self._names = steer_counter_names()
 
     def attach(self, ifname: str, fn: Any, mode: str = "native") -> None:
@@ -492,18 +499,19 @@ class Steering:
             del t[k]
 
     def set_slot(self, ifindex: int, base: int) -> None:
-        t = self.bpf[b"esp_xsk_slot"]
+        t = self.steer_maps[b"esp_xsk_slot"]
         t[t.Key(ifindex)] = t.Leaf(base)
 
     def xsk_map_fd(self) -> int:
         return self.xsks.map_fd
 
     def counters(self) -> dict[str, int]:
-        t = self.bpf[b"esp_steer_stats"]
-        out = {}
-        for i, name in enumerate(self._names):
-            out[name] = int(sum(t[ctypes.c_int(i)]))
-        return out
+        """XT_ESP_STEER_* counters (the steering's and the forwarder's, summed over CPUs)."""
+        tables = [self.bpf[b"esp_steer_stats"]]
+        if self.external:
+            tables.append(self.steer_maps[b"esp_steer_stats"])
+        return {name: int(sum(sum(t[ctypes.c_int(i)]) for t in tables))
+                for i, name in enumerate(self._names)}
 
     def detach_all(self) -> None:
         for ifname, flags in reversed(self._attached):
@@ -559,13 +567,16 @@ class IpsecEdge:
     no FIB: a real deployment would have to mirror the kernel's routes and neighbours from
     netlink). ``bench_no_crypto`` forwards frames unchanged (the AF_XDP path ceiling).
     ``steering``: a loaded :class:`Steering` to reuse (the caller keeps it; close() only detaches
-    it), so repeated set-ups compile once.
+    it), so repeated set-ups compile once. ``edge_bpf``: the edge program's bcc object (built
+    with -DXT_FEATURE_ESP and attached by the GRE data plane): its hooks steer, so no steering
+    program of ours is attached; the sockets go into its XSKMAP.
     """
 
     def __init__(self, datapath: IpsecDataPath, devices: list[RxDevice], endpoints: list[str],
                  *, xsk_mode: str = "auto", ring_size: int = 2048, batch: int = 64,
                  tx_direct: tuple[str, str] | None = None, bench_no_crypto: bool = False,
-                 worker_cpu: int | None = None, steering: Steering | None = None) -> None:
+                 worker_cpu: int | None = None, steering: Steering | None = None,
+                 edge_bpf: Any = None) -> None:
         from pyroute2 import IPRoute
 
         from pipeline import xsk as _xsk
@@ -580,7 +591,7 @@ class IpsecEdge:
         self._ipr = IPRoute()
         self._own_steering = steering is None
         try:
-            self.steering = steering if steering is not None else Steering()
+            self.steering = steering if steering is not None else Steering(edge_bpf=edge_bpf)
             for ep in endpoints:
                 self.steering.add_endpoint(ep)
             if tx_direct is None:
@@ -596,7 +607,8 @@ class IpsecEdge:
                 idx = self._ifindex(dev.name)
                 self.steering.set_slot(idx, slot * 16)
                 rx += [(dev.name, q) for q in dev.queues]
-                self.steering.attach(dev.name, self.steering.steer_fn, dev.xdp_mode)
+                if not self.steering.external:
+                    self.steering.attach(dev.name, self.steering.steer_fn, dev.xdp_mode)
             # one worker for all RX sockets (one thread); more queues -> more workers later
             w = datapath.ctx.worker()
             self._esp_workers.append(w)
@@ -610,9 +622,18 @@ class IpsecEdge:
                     xw.insert_into(self.steering.xsk_map_fd(), i, slot * 16 + q)
                     i += 1
             xw.start(worker_cpu)
+            datapath.on_change.append(self._sa_changed)
         except BaseException:
             self.close()
             raise
+
+    def _sa_changed(self, tunnel_index: int) -> None:
+        """A tunnel without an SA pair forgets the NAT-T address/port its peer was seen at."""
+        if not any(cur and idx == tunnel_index
+                   for _, idx, _, cur in self.datapath.installed().values()):
+            for w in self.workers:
+                with contextlib.suppress(Exception):
+                    w.natt_forget(tunnel_index)
 
     def route(self, prefix: str, tunnel_index: int, mss: int = 0) -> None:
         assert self.steering is not None
@@ -649,6 +670,8 @@ class IpsecEdge:
         return out
 
     def close(self) -> None:
+        with contextlib.suppress(ValueError):
+            self.datapath.on_change.remove(self._sa_changed)
         for w in self.workers:
             with contextlib.suppress(Exception):
                 w.close()

@@ -132,7 +132,7 @@ def test_sigterm_shuts_down_cleanly(ns_pair):
         line = proc.stdout.readline()
         assert line.strip() == "ready", proc.stderr.read()
         links = ns_pair.run("ip", "-d", "link", "show").stdout
-        assert "xtesp0" in links and "prog/xdp" in links
+        assert "xtesp0" in links and "prog/xdp" in links, links
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=20)
     finally:
@@ -140,7 +140,7 @@ def test_sigterm_shuts_down_cleanly(ns_pair):
             proc.kill()
     assert proc.returncode == 128 + signal.SIGTERM, err
     counts = json.loads(out.strip().splitlines()[-1])
-    assert counts["fds_after"] == counts["fds_before"], counts
+    assert counts["fds_after"] == counts["fds_before"], (counts, err)
     links = ns_pair.run("ip", "-d", "link", "show").stdout
-    assert "xtesp0" not in links and "xtesp1" not in links
-    assert "prog/xdp" not in links
+    assert "xtesp0" not in links and "xtesp1" not in links, (links, err)
+    assert "prog/xdp" not in links, (links, err)
