@@ -90,6 +90,7 @@ class Program:
     entry: object
     peer_pass: object
     cflags: tuple[str, ...]
+    touched: set[int] = field(default_factory=set)   # tunnel slots ever written (array maps)
 
     @property
     def fd(self) -> int:
@@ -302,6 +303,7 @@ class Dataplane:
         t_put, t_del = _diff(old.tunnels, new.tunnels)
         for i, v in t_put.items():
             tun[tun.Key(i)] = self._tunnel_leaf(tun, v)
+            p.touched.add(i)
         for e in new.endpoints - old.endpoints:
             ep[ep.Key(e)] = ep.Leaf(1)
         d_put, d_del = _diff(old.decap, new.decap)
@@ -313,10 +315,13 @@ class Dataplane:
             for k, v in put.items():
                 table[self._lpm_key(table, k)] = self._route_leaf(table, v)
             route_changes.append((table, delete))
-            changed[table.name if hasattr(table, "name") else "routes"] = len(put) + len(delete)
-        for table, delete in route_changes:
+        for name, (table, delete) in zip(("routes4", "routes6"), route_changes):
             for k in delete:
                 del table[self._lpm_key(table, k)]
+            changed[name] = len(delete) + len(_diff(old.routes4 if name == "routes4" else
+                                                    old.routes6,
+                                                    new.routes4 if name == "routes4" else
+                                                    new.routes6)[0])
         for k in d_del:
             del dec[dec.Key(*k)]
         for e in old.endpoints - new.endpoints:
@@ -367,11 +372,19 @@ class Dataplane:
         return leaf
 
     def _clear_maps(self) -> None:
+        """Start from empty maps and zero counters. Array slots cannot be deleted; zeroing all
+        65,536 takes half a second from Python, so only slots a Dataplane wrote are zeroed (a
+        freshly loaded program's arrays are zero already)."""
+        p = self.program
         for name in ("xt_endpoints", "xt_gre_decap", "xt_routes4", "xt_routes6",
-                     "xt_tunnel_drops"):
-            self.program.table(name).clear()
-        for name in ("xt_tunnels", "xt_tunnel_stats", "xt_reason_stats"):
-            self.program.table(name).clear()    # arrays: zeroes every slot
+                     "xt_tunnel_drops", "xt_reason_stats"):
+            p.table(name).clear()
+        slots = p.touched | {t.index for t in self.config.tunnels}
+        for name in ("xt_tunnels", "xt_tunnel_stats"):
+            table = p.table(name)
+            for i in slots:
+                if 0 <= i < table.max_entries:
+                    del table[table.Key(i)]       # bcc: zeroes an array slot
         self._state = None
 
     def _pin_maps(self) -> None:
