@@ -102,7 +102,12 @@ class SaInstaller(Protocol):
         """Install a new SA pair; the inbound SPI is the key."""
 
     def replace(self, old_spi_in: int, sa: ChildSaParams) -> None:
-        """Rekey: install ``sa`` and retire the pair whose inbound SPI is ``old_spi_in``."""
+        """Rekey: install ``sa`` and retire the pair whose inbound SPI is ``old_spi_in``.
+
+        Outbound traffic moves to ``sa`` at once; an implementation may keep accepting inbound
+        packets on the old SA until ``delete(old_spi_in)``, which the IKE core always calls once
+        the rekey's DELETE exchange is done (the native data path does; the recorder below
+        forgets the old pair at once). ``sa.spi_in`` must differ from every installed SPI."""
 
     def delete(self, spi_in: int) -> None:
         """Remove the pair whose inbound SPI is ``spi_in`` (no error if already gone)."""

@@ -376,8 +376,10 @@ class IkeEngine:
             self.stats["peer_address_updated"] += 1
             for child in sa.children.values():
                 if not child.rekeyed:
-                    # ESP follows the peer's current address and port (issue 6, RFC 3948).
-                    self.installer.replace(child.spi_in, child.params(sa))
+                    # ESP follows the peer's current address and port (issue 6, RFC 3948):
+                    # the pair is installed again with the new encapsulation ports.
+                    self.installer.delete(child.spi_in)
+                    self.installer.install(child.params(sa))
         task: Task | None = None
         try:
             if syntax_error is not None:
