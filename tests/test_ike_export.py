@@ -23,7 +23,7 @@ def test_sa_rows_have_no_secrets():
     installed = p.only_sa(p.ri)
     assert (row["tunnel"], row["state"], row["role"], row["nat_t"]) == ("cust-a", "established",
                                                                         "responder", False)
-    assert row["algorithms"] == "AES_GCM_16-256/HMAC_SHA2_256/ECP_384"
+    assert row["algorithms"] == "AES_GCM_16-256/PRF_HMAC_SHA2_256/ECP_384"
     assert child["spi_in"] == f"{installed.spi_in:08x}" and child["age_s"] == 5.0
     assert child["algorithms"] == "AES_CBC-128/HMAC_SHA2_256_128"
     text = repr(row)

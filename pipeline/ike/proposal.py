@@ -90,7 +90,7 @@ class Selection:
         if not self.aead:
             parts.append(Integ(self.integ).name)
         if self.prf:
-            parts.append(Prf(self.prf).name)
+            parts.append("PRF_" + Prf(self.prf).name)
         if self.dh:
             parts.append(DhGroup(self.dh).name)
         return "/".join(parts)
