@@ -210,7 +210,17 @@ def gre_plug(topo: rates.Topology, mode: str = "native"):
         def start() -> None:
             with lg._thread_in_netns(topo.dut.name):
                 dp.start()
-        _in_thread(start)
+        for attempt in range(5):
+            try:
+                _in_thread(start)
+                break
+            except OSError:
+                # the loader's peer search enters every named namespace on the machine, and
+                # other runs create and remove theirs all the time: a vanished one fails the
+                # start (seen here); try again
+                if attempt == 4:
+                    raise
+                time.sleep(0.2)
         try:
             yield dp
         finally:
