@@ -88,6 +88,13 @@ def test_flow_field_refusals():
     assert lg.l4_source_port(MAC_B.encode()[:12] + b"\x08\x06" + b"\0" * 28) is None
 
 
+def test_flow_field_ipv6_udp():
+    seg = struct.pack("!HHHH", 1000, 9, 8 + 4, 0) + b"abcd"
+    ip6 = struct.pack("!IHBB", 6 << 28, len(seg), 17, 64) + bytes(16) + bytes(15) + b"\x01"
+    frame = lg.ethernet(MAC_B, MAC_A, 0x86DD, ip6 + seg)
+    assert lg.l4_source_port(frame) == (54, 60, True)
+
+
 @pytest.mark.parametrize("kw, msg", [
     ({"data": b"\0" * 13}, "14 to 2048"),
     ({"data": b"\0" * 2049}, "14 to 2048"),
@@ -390,3 +397,26 @@ def test_gre_bench_delivers_exactly_n_decapsulated_and_encapsulated(rates):
         m = bench.results[name][0]
         assert (m.offered, m.delivered, m.delivered_bytes) == (n, n, n * size), (name, m.dut)
     assert bench.results["gre_decap/64"][0].dut["d0.rxq_xdp_redirect"] == n
+
+
+@pytest.mark.netns
+def test_udp_checksum_that_steps_to_zero_is_sent_as_ffff(lab):
+    """RFC 768: a computed UDP checksum of 0 is sent as 0xFFFF (0 means "none"). The payload is
+    chosen so that the template's source port + 1 sums to exactly 0xFFFF; the generator's
+    incremental update must send 0xFFFF for that step, as the independent builder does."""
+    def seg(sport: int, payload: bytes) -> bytes:
+        return lg.udp_segment("10.0.0.1", "10.0.0.2", sport, 9, payload)
+
+    zero_sum = seg(1001, b"\0\0")  # checksum = ~S with payload word 0, so S = ~checksum
+    s_val = ~struct.unpack_from("!H", zero_sum, 6)[0] & 0xFFFF
+    payload = struct.pack("!H", ~s_val & 0xFFFF)  # makes the sum 0xFFFF: checksum 0 -> 0xFFFF
+    assert struct.unpack_from("!H", seg(1001, payload), 6)[0] == 0xFFFF
+    frames = {sport: lg.ethernet(MAC_B, MAC_A, 0x0800, lg.ipv4_packet(
+        "10.0.0.1", "10.0.0.2", 17, seg(sport, payload))) for sport in (1000, 1001)}
+    a, b = _pair(lab)
+    b.ethtool("r0", "gro", "on")
+    port = lab.port(b, "r0")
+    with lg.LoadGen(a, "g0", [lg.Frame.flows(frames[1000], 2)]) as gen:
+        gen.send(2)
+    got = port.recv_all(2, timeout=3, match=lambda fr: fr[12:14] == b"\x08\x00")
+    assert sorted(got) == sorted(frames.values())
