@@ -23,13 +23,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from scapy.layers.inet import IP, TCP, UDP  # noqa: E402
-from scapy.layers.l2 import GRE, Ether  # noqa: E402
+from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.l2 import GRE, Ether
 
-from pipeline import netns  # noqa: E402
-from pipeline.config import loads  # noqa: E402
-from pipeline.xdp import testrun  # noqa: E402
-from pipeline.xdp.dataplane import Dataplane, _raw32, compile_program  # noqa: E402
+from pipeline import netns
+from pipeline.config import loads
+from pipeline.xdp import testrun
+from pipeline.xdp.dataplane import Dataplane, _raw32, compile_program
 
 BENCH_SRC = REPO / "bpf" / "bench_gre.c"
 LEN = 128

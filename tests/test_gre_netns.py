@@ -6,21 +6,27 @@ Frames are sent and captured with raw packet ports; expected frames are built wi
 from __future__ import annotations
 
 import os
+import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
+from pathlib import Path
 
 import pytest
 from gre_support import CUSTOMER, EDGE, config, toml
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import GRE, Ether
 
-from pipeline.xdp.dataplane import Dataplane, compile_program
+from pipeline.xdp.dataplane import Dataplane, LoadError, compile_program
 
 pytestmark = pytest.mark.netns
 
 CC, EC, EI, II = "02:00:00:00:0c:01", "02:00:00:00:0e:01", "02:00:00:00:0e:02", "02:00:00:00:01:01"
 OUTSIDE, HOST = "100.64.0.9", "203.0.113.5"
 N = 50
+SO_RCVBUFFORCE = 33
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +36,11 @@ def prog():
     p.close()
 
 
-@pytest.fixture(params=["native", "generic"])
-def edge(request, lab, prog, tmp_path):
+REPO = Path(__file__).resolve().parents[1]
+
+
+def build(lab):
+    """customer ns (c0) -- edge ns (e0, e1) -- Internet ns (i0), routes and neighbours."""
     cust, edge_ns, inet = lab.namespace("cust"), lab.namespace("edge"), lab.namespace("inet")
     lab.veth(cust, "c0", edge_ns, "e0", "10.1.0.2/24", "10.1.0.1/24", mac_a=CC, mac_b=EC)
     lab.veth(inet, "i0", edge_ns, "e1", "10.2.0.2/24", "10.2.0.1/24", mac_a=II, mac_b=EI)
@@ -40,6 +49,12 @@ def edge(request, lab, prog, tmp_path):
     edge_ns.add_neighbour("e1", "10.2.0.2", II)
     edge_ns.add_route("198.51.100.0/24", gateway="10.1.0.2")
     edge_ns.add_route("0.0.0.0/0", gateway="10.2.0.2")
+    return cust, edge_ns, inet
+
+
+@pytest.fixture(params=["native", "generic"])
+def edge(request, lab, prog, tmp_path):
+    cust, edge_ns, inet = build(lab)
     node = f"edge-it-{os.getpid()}-{request.param}"
     cfg = config(node=node, interfaces=("e0", "e1"))
     path = tmp_path / "edge.toml"
@@ -47,8 +62,11 @@ def edge(request, lab, prog, tmp_path):
     dp = Dataplane(cfg, mode=request.param, program=prog)
     with edge_ns.enter():
         dp.start()
+    ports = lab.port(cust, "c0"), lab.port(inet, "i0")
+    for p in ports:   # XDP frames become page-sized skbs: room for a few hundred of them
+        p.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 8 << 20)
     try:
-        yield dp, lab.port(cust, "c0"), lab.port(inet, "i0"), path
+        yield dp, *ports, path
     finally:
         dp.close()
 
@@ -118,3 +136,98 @@ def test_stats_command_reads_pinned_maps(edge):
     lines = proc.stdout.splitlines()
     assert lines[1].split() == ["plain", "1", "1", str(len(inner)), "0", "0", "-"]
     assert f"unknown_tunnel  1  {len(stranger)}" in lines
+
+
+def xdp_mode(ns, ifname: str) -> str:
+    """IFLA_XDP_ATTACHED as pyroute2 names it: none, xdp (native), xdpgeneric, xdpmulti."""
+    with ns.ipr() as ipr:
+        xdp = ipr.get_links(ns.index(ifname))[0].get("IFLA_XDP")
+    mode = xdp.get("IFLA_XDP_ATTACHED") if xdp is not None else None
+    return {0: "none", None: "none", 1: "xdp", 2: "xdpgeneric", 4: "xdpmulti"}.get(mode, mode)
+
+
+def decap_frame_and_want():
+    inner = IP(src="203.0.113.7", dst=OUTSIDE, ttl=64, id=3) / UDP(sport=1, dport=2)
+    want = inner.copy()
+    want.ttl -= 1
+    del want.chksum
+    return (bytes(Ether(dst=EC, src=CC) / IP(src=CUSTOMER, dst=EDGE) / GRE() / inner),
+            bytes(Ether(dst=II, src=EI) / want))
+
+
+@pytest.mark.parametrize("leftover", ["native", "generic"])
+def test_program_left_by_a_crashed_run_is_replaced(lab, prog, leftover):
+    from bcc import BPF
+    cust, edge_ns, inet = build(lab)
+    flags = {"native": 1 << 2, "generic": 1 << 1}[leftover]
+    with edge_ns.enter():
+        BPF.attach_xdp(b"e0", prog.peer_pass, flags)     # a pass-only program, as if crashed
+    assert xdp_mode(edge_ns, "e0") == {"native": "xdp", "generic": "xdpgeneric"}[leftover]
+    dp = Dataplane(config(node=f"edge-crash-{os.getpid()}", interfaces=("e0", "e1")),
+                   mode="native", program=prog, pin=False)
+    with edge_ns.enter():
+        dp.start()
+    try:
+        assert xdp_mode(edge_ns, "e0") == "xdp"            # one program, native: ours
+        frame, want = decap_frame_and_want()
+        c, i = lab.port(cust, "c0"), lab.port(inet, "i0")
+        c.send(frame)
+        assert i.recv(timeout=3, match=lambda f: f[23] == 17) == want
+    finally:
+        dp.close()
+    assert (xdp_mode(edge_ns, "e0"), xdp_mode(cust, "c0")) == ("none", "none")
+
+
+def test_config_change_applied_without_loss(edge):
+    dp, cust, inet, _ = edge
+    frame, want = decap_frame_and_want()
+    inet.drain()
+    done = threading.Event()
+    sent = []
+
+    def sender():
+        # paced: a burst larger than the veth ring would be dropped whatever the data plane does
+        while (not done.is_set() or len(sent) < 200) and len(sent) < 400:
+            cust.send(frame)
+            sent.append(1)
+            time.sleep(0.0005)
+    t = threading.Thread(target=sender)
+    t.start()
+    for routes in ('[[routes]]\nprefix = "203.0.113.0/24"\ntunnel = "plain"\n',
+                   '[[routes]]\nprefix = "10.9.0.0/16"\ntunnel = "other"\n'):
+        changed = dp.apply(config(node=dp.config.node.name, interfaces=("e0", "e1"),
+                                  routes=routes))
+        assert changed["tunnels"] == 0 and changed["decap"] == 0
+    done.set()
+    t.join()
+    got = inet.recv_all(len(sent), timeout=3, match=lambda f: f[23] == 17)
+    c = dp.counters()
+    assert (c.tunnels[1].decap_packets, c.reasons["decap_forwarded"][0]) == (len(sent),) * 2, \
+        c.reasons
+    assert len(got) == len(sent) and set(got) == {want}
+
+
+def test_serve_detaches_on_sigterm(lab, tmp_path):
+    cust, edge_ns, inet = build(lab)
+    path = tmp_path / "edge.toml"
+    path.write_text(toml(node=f"edge-serve-{os.getpid()}", interfaces=("e0", "e1")))
+    proc = edge_ns.popen(sys.executable, "-m", "pipeline.xdp.dataplane", str(path), "e0", "e1",
+                         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert "attached to e0, e1" in line, proc.stderr.read() if proc.poll() else line
+        assert (xdp_mode(edge_ns, "e0"), xdp_mode(inet, "i0")) == ("xdp", "xdp")  # peer: pass
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert [xdp_mode(edge_ns, "e0"), xdp_mode(edge_ns, "e1"), xdp_mode(cust, "c0"),
+            xdp_mode(inet, "i0")] == ["none"] * 4
+
+
+def test_verifier_rejection_shows_the_whole_log():
+    with pytest.raises(LoadError) as e:
+        compile_program(path=REPO / "tests" / "bpf" / "verifier_reject.c")
+    assert "invalid access to packet" in e.value.log
+    assert "processed" in str(e.value)                      # the log is in the message too

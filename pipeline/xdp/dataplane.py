@@ -43,7 +43,8 @@ PROGRAM = BPF_DIR / "xdp_edge.c"
 ENTRY, PEER_PASS = b"xdp_edge", b"xdp_peer_pass"
 XDP_FLAGS_SKB_MODE, XDP_FLAGS_DRV_MODE = 1 << 1, 1 << 2
 MODE_FLAGS = {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}
-ATTACHED_MODE = {1: "native", 2: "generic"}    # IFLA_XDP_ATTACHED: XDP_ATTACHED_DRV/SKB
+# IFLA_XDP_ATTACHED (XDP_ATTACHED_DRV / _SKB), as a number or as pyroute2 decodes it
+ATTACHED_MODE = {1: "native", 2: "generic", "xdp": "native", "xdpgeneric": "generic"}
 KIND_GRE, KIND_IPSEC = 1, 2                    # bpf/consts.h XT_KIND_*
 TUN_F_KEY = 0x1
 MAX_ECMP = 8
@@ -426,7 +427,7 @@ class Dataplane:
     def _attach(self, ifname: str, mode: str) -> None:
         from bcc import BPF
         link = self._link(ifname)
-        present = ATTACHED_MODE.get(link["xdp"]) if isinstance(link["xdp"], int) else None
+        present = ATTACHED_MODE.get(link["xdp"])
         if present and present != mode:
             # a crashed run's program in the other mode would make the attach fail
             log.info("%s: removing an XDP program left in %s mode", ifname, present)
@@ -457,7 +458,7 @@ class Dataplane:
                     continue
                 peer = msgs[0].get_attr("IFLA_IFNAME")
                 xdp = msgs[0].get("IFLA_XDP")
-                if xdp is not None and xdp.get("IFLA_XDP_ATTACHED"):
+                if xdp is not None and xdp.get("IFLA_XDP_ATTACHED") not in (None, 0, "none"):
                     return None          # it has a program already: redirects arrive
                 BPF.attach_xdp(peer.encode(), self.program.peer_pass, XDP_FLAGS_DRV_MODE)
                 return (name, peer)
