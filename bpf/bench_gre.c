@@ -82,3 +82,14 @@ int bench_edge(struct xdp_md *ctx)
 		f->last_delta = f->encap_delta;
 	return action;
 }
+
+/* The forwarding step alone (bpf_fib_lookup, MAC rewrite, redirect) on the template frame:
+ * how much of the data plane's cost is the kernel's route lookup. */
+int bench_fib(struct xdp_md *ctx)
+{
+	struct xt_pkt p = { .reason = XT_R_NOT_OURS };
+
+	if (!xt_bench_restore(ctx))
+		return XDP_ABORTED;
+	return xt_forward_v4(ctx, &p, 0, XT_R_DECAP_FORWARDED);
+}
