@@ -17,6 +17,7 @@ bench: setup
 	$(PYTEST) bench -q --benchmark-enable --benchmark-only -p no:cacheprovider
 	$(PY) -m bench.rates --generic
 	$(PY) -m bench.bench_gre_rate
+	$(PY) bench/bench_gre_cost.py
 
 lint: setup
 	.venv/bin/ruff check pipeline tests bench
