@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 from .sa import ChildSaParams, SaInstaller
 from .store import DELETE, Event, Resync, StoreError, WatchClosed
-from .store.schema import SchemaError, SharedState, decode_child_sa
+from .store.schema import ChildSaRecord, SchemaError, SharedState, decode_child_sa
 
 log = logging.getLogger(__name__)
 
@@ -107,14 +107,15 @@ class SaSync:
         self.applied += 1
         return True
 
-    def _put(self, key: str, raw: bytes) -> None:
+    def _put(self, key: str, raw: bytes, r: ChildSaRecord | None = None) -> None:
         spi_now = self._spi_of_key.get(key)
         value = _digest(raw)
         if spi_now is not None and self.installed[spi_now].value == value:
             return                                              # a repeated write
-        r = self._decode(key, raw)
         if r is None:
-            return
+            r = self._decode(key, raw)
+            if r is None:
+                return
         sa = r.sa
         if spi_now is not None:
             cur = self.installed[spi_now]
@@ -153,10 +154,22 @@ class SaSync:
     def _reconcile(self, records, revision: int) -> None:
         want = {r.key: r.value for r in records}
         gone = [k for k in self._spi_of_key if k not in want]
-        # Puts first: a rekeyed SA whose old record is gone becomes one replace(), with no
-        # moment where neither SPI is installed.
-        for key, value in want.items():
-            self._put(key, value)
+        todo = []
+        for key, raw in want.items():
+            spi = self._spi_of_key.get(key)
+            if spi is not None and self.installed[spi].value == _digest(raw):
+                continue                                        # unchanged
+            r = self._decode(key, raw)
+            if r is not None:
+                todo.append((key, raw, r))
+        # A rekey caught half-way (both records there): the SA being replaced goes in first, so
+        # the new one arrives as replace(old, new) and ends up the tunnel's current SA.
+        replaced = {r.replaces for _, _, r in todo if r.replaces is not None}
+        todo.sort(key=lambda t: t[2].sa.spi_in not in replaced)
+        # Puts before deletes: a rekeyed SA whose old record is gone becomes one replace(), with
+        # no moment where neither SPI is installed.
+        for key, raw, r in todo:
+            self._put(key, raw, r)
         for key in gone:
             self._delete(key)
         self.revision = revision

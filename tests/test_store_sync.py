@@ -304,3 +304,25 @@ def test_native_esp_data_path_through_the_store(tmp_path):
         assert not b.drops and b.applied == 6     # install, replace, delete, delete+install, delete
         b.state.store.close()
     dp.close()
+
+
+def test_rebuild_during_a_rekey_keeps_the_new_sa_current(tmp_path):
+    """A node starts while a rekey is half done (new record written, old not yet deleted) and
+    the new SA's key sorts first: the old SA still goes in first, the new one replaces it."""
+    from pipeline.ipsec import IpsecDataPath, TunnelInfo
+    path = tmp_path / "s.db"
+    with SqliteStore(path) as s:
+        a = SharedState(s, FLEET)
+        old, new = child_sa(5), child_sa(2)
+        a.put_child_sa(old)
+        a.put_child_sa(new, replaces=old.spi_in)
+        dp = IpsecDataPath({"0b1d2c3e": TunnelInfo("site-c", 3)})
+        rec = RecordingSaInstaller()
+        for inst in (dp, rec):
+            sync = SaSync(SharedState(SqliteStore(path), FLEET), inst)
+            sync.rebuild()
+            sync.state.store.close()
+        assert rec.events == [("install", old.spi_in), ("replace", new.spi_in)]
+        assert dp.installed() == {old.spi_in: ("site-c", 3, old.spi_out, False),
+                                  new.spi_in: ("site-c", 3, new.spi_out, True)}
+        dp.close()
