@@ -147,6 +147,14 @@ def test_mss_clamped_at_any_offset(dp, prog, fwd_ns, options):
     assert TCP in Ether(res.packet) and dict(Ether(res.packet)[TCP].options)["MSS"] == 1436
 
 
+def test_mss_walk_limit_is_sixteen_items(dp, prog, fwd_ns):
+    """bpf/mss.h looks at 16 option items (verifier budget): the 16th is clamped, the 17th not."""
+    sixteenth = syn([("NOP", None)] * 15 + [("MSS", 1460)] + [("EOL", None)] * 3)
+    seventeenth = syn([("NOP", None)] * 16 + [("MSS", 1460)] + [("EOL", None)] * 2)
+    assert run(fwd_ns, prog, gre_in(sixteenth)).packet == forwarded(sixteenth, mss=1436)
+    assert run(fwd_ns, prog, gre_in(seventeenth)).packet == forwarded(seventeenth)
+
+
 def test_mss_checksum_fold_carries_twice(dp, prog, fwd_ns):
     """RFC 1624 eqn. 3 with a sum that carries out of 16 bits twice: MSS 1536 -> 1436 at an odd
     offset (bytes swapped in the sum) and a source port chosen so ~HC + ~m + m' == 0x1ffff."""
