@@ -17,7 +17,7 @@
 #include <unistd.h>
 #include <xdp/xsk.h>
 
-#define NATT_TUNNELS 65536
+#define NATT_TUNNELS XT_XSK_NATT_TUNNELS
 /* binding a queue whose previous socket was closed a moment ago fails with EBUSY until the kernel's
  * deferred release has run: retry for up to a second */
 #define BUSY_RETRIES 100
@@ -52,6 +52,7 @@ struct xt_xsk {
     volatile int stop;
     struct xt_xsk_stats st;
     uint64_t *natt; /* [NATT_TUNNELS]: valid bit | port << 32 | addr (network order bytes) */
+    int natt_owned;
     /* per-batch scratch, no allocation in the loop */
     struct xt_pkt dpk[XT_XSK_MAX_BATCH], epk[XT_XSK_MAX_BATCH];
     uint64_t dbase[XT_XSK_MAX_BATCH], ebase[XT_XSK_MAX_BATCH];
@@ -127,7 +128,12 @@ struct xt_xsk *xt_xsk_new(const struct xt_xsk_config *cfg, char *err, size_t err
     x->area_len = (size_t)x->n_frames * x->frame_size;
     x->area = mmap(NULL, x->area_len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     x->free_stack = calloc(x->n_frames, sizeof(uint64_t));
-    x->natt = calloc(NATT_TUNNELS, sizeof(uint64_t));
+    if (cfg->natt_table) {
+        x->natt = (uint64_t *)cfg->natt_table;
+    } else {
+        x->natt = calloc(NATT_TUNNELS, sizeof(uint64_t));
+        x->natt_owned = 1;
+    }
     if (x->area == MAP_FAILED || !x->free_stack || !x->natt) {
         if (x->area == MAP_FAILED)
             x->area = NULL;
@@ -185,7 +191,7 @@ struct xt_xsk *xt_xsk_new(const struct xt_xsk_config *cfg, char *err, size_t err
         char name[XT_XSK_IFNAMSIZ + 1] = {0};
         memcpy(name, cfg->tx_ifname, XT_XSK_IFNAMSIZ);
         for (int tries = 0; tries < BUSY_RETRIES; tries++) {
-            rc = xsk_socket__create_shared(&x->tx_xsk, name, 0, x->umem, NULL, &x->tx,
+            rc = xsk_socket__create_shared(&x->tx_xsk, name, cfg->tx_queue, x->umem, NULL, &x->tx,
                                            &x->tx_fill, &x->tx_comp, &scfg);
             if (rc != -EBUSY)
                 break;
@@ -546,6 +552,7 @@ void xt_xsk_free(struct xt_xsk *x)
     if (x->area)
         munmap(x->area, x->area_len);
     free(x->free_stack);
-    free(x->natt);
+    if (x->natt_owned)
+        free(x->natt);
     free(x);
 }

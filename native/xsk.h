@@ -40,6 +40,7 @@
 #define XT_XSK_MAX_RX 16
 #define XT_XSK_IFNAMSIZ 16
 #define XT_XSK_MAX_BATCH 64
+#define XT_XSK_NATT_TUNNELS 65536
 #define XT_XSK_STAT_VERDICTS 32 /* = XT_ESP_VERDICT_MAX */
 
 /* xt_xsk_config.flags. XT_XSK_F_NO_CRYPTO is for benchmarks only: every steered frame is
@@ -61,6 +62,7 @@ struct xt_xsk_config {
     uint32_t rx_queue[16];
     uint32_t n_rx;
     char tx_ifname[16];         /* the edge end of the internal veth pair */
+    uint32_t tx_queue;          /* its queue this worker transmits on (one per worker) */
     uint8_t tx_src_mac[6];      /* Ethernet source of every frame sent (tx_ifname's MAC) */
     uint8_t tx_dst_mac[6];      /* Ethernet destination (the MAC of tx_ifname's peer) */
     uint32_t ring_size;         /* every ring, power of two; 0 = 2048 */
@@ -72,6 +74,8 @@ struct xt_xsk_config {
     uintptr_t esp_worker;       /* struct xt_esp_worker * */
     uintptr_t esp_decrypt;      /* xt_esp_decrypt_batch */
     uintptr_t esp_encrypt;      /* xt_esp_encrypt_batch */
+    uintptr_t natt_table;       /* uint64_t[XT_XSK_NATT_TUNNELS] shared by the workers of one
+                                   edge (owned by the caller, outlives them); 0 = a private one */
 };
 
 struct xt_xsk_stats {

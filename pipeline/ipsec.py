@@ -569,14 +569,16 @@ class IpsecEdge:
     ``steering``: a loaded :class:`Steering` to reuse (the caller keeps it; close() only detaches
     it), so repeated set-ups compile once. ``edge_bpf``: the edge program's bcc object (built
     with -DXT_FEATURE_ESP and attached by the GRE data plane): its hooks steer, so no steering
-    program of ours is attached; the sockets go into its XSKMAP.
+    program of ours is attached; the sockets go into its XSKMAP. ``workers``: threads, each with
+    its own UMEM and TX queue; the RX (device, queue) pairs are dealt out round-robin (one worker
+    per queue is the shape for a multi-queue NIC). They share one NAT-T peer table.
     """
 
     def __init__(self, datapath: IpsecDataPath, devices: list[RxDevice], endpoints: list[str],
                  *, xsk_mode: str = "auto", ring_size: int = 2048, batch: int = 64,
                  tx_direct: tuple[str, str] | None = None, bench_no_crypto: bool = False,
                  worker_cpu: int | None = None, steering: Steering | None = None,
-                 edge_bpf: Any = None) -> None:
+                 edge_bpf: Any = None, workers: int = 1) -> None:
         from pyroute2 import IPRoute
 
         from pipeline import xsk as _xsk
@@ -595,33 +597,36 @@ class IpsecEdge:
             for ep in endpoints:
                 self.steering.add_endpoint(ep)
             if tx_direct is None:
-                self._make_internal_veth()
+                self._make_internal_veth(workers)
                 self.steering.attach(INTERNAL_ROUTER_END, self.steering.fwd_fn, "native")
                 tx_dev = INTERNAL_EDGE_END
                 src, dst = self._mac(INTERNAL_EDGE_END), self._mac(INTERNAL_ROUTER_END)
             else:
                 tx_dev, dst = tx_direct
                 src = self._mac(tx_dev)
-            rx: list[tuple[str, int]] = []
+            rx: list[tuple[str, int, int]] = []   # (device, queue, XSKMAP key)
             for slot, dev in enumerate(devices):
                 idx = self._ifindex(dev.name)
                 self.steering.set_slot(idx, slot * 16)
-                rx += [(dev.name, q) for q in dev.queues]
+                rx += [(dev.name, q, slot * 16 + q) for q in dev.queues]
                 if not self.steering.external:
                     self.steering.attach(dev.name, self.steering.steer_fn, dev.xdp_mode)
-            # one worker for all RX sockets (one thread); more queues -> more workers later
-            w = datapath.ctx.worker()
-            self._esp_workers.append(w)
-            xw = _xsk.XskWorker(w, rx, tx_dev, src, dst, mode=xsk_mode,
-                                ring_size=ring_size, batch=batch,
-                                bench_no_crypto=bench_no_crypto)
-            self.workers.append(xw)
-            i = 0
-            for slot, dev in enumerate(devices):
-                for q in dev.queues:
-                    xw.insert_into(self.steering.xsk_map_fd(), i, slot * 16 + q)
-                    i += 1
-            xw.start(worker_cpu)
+            if not 1 <= workers <= len(rx):
+                raise IpsecError(f"workers must be 1..{len(rx)} (one RX queue each at least)")
+            self.natt = _xsk.NattTable()
+            for i in range(workers):
+                mine = rx[i::workers]
+                w = datapath.ctx.worker()
+                self._esp_workers.append(w)
+                xw = _xsk.XskWorker(w, [(d, q) for d, q, _ in mine], tx_dev, src, dst,
+                                    mode=xsk_mode, ring_size=ring_size, batch=batch,
+                                    bench_no_crypto=bench_no_crypto, tx_queue=i,
+                                    natt_table=self.natt)
+                self.workers.append(xw)
+                for j, (_, _, key) in enumerate(mine):
+                    xw.insert_into(self.steering.xsk_map_fd(), j, key)
+            for xw in self.workers:
+                xw.start(worker_cpu)
             datapath.on_change.append(self._sa_changed)
         except BaseException:
             self.close()
@@ -648,12 +653,15 @@ class IpsecEdge:
     def _mac(self, name: str) -> str:
         return self._ipr.get_links(self._ifindex(name))[0].get("IFLA_ADDRESS")
 
-    def _make_internal_veth(self) -> None:
+    def _make_internal_veth(self, queues: int) -> None:
         for name in (INTERNAL_EDGE_END,):
             for idx in self._ipr.link_lookup(ifname=name):   # left by a crashed run
                 self._ipr.link("del", index=idx)
-        self._ipr.link("add", ifname=INTERNAL_EDGE_END, kind="veth",
-                       peer={"ifname": INTERNAL_ROUTER_END})
+        # one TX queue per worker (an AF_XDP socket binds one queue)
+        self._ipr.link("add", ifname=INTERNAL_EDGE_END, kind="veth", num_tx_queues=queues,
+                       num_rx_queues=queues,
+                       peer={"ifname": INTERNAL_ROUTER_END, "num_tx_queues": queues,
+                             "num_rx_queues": queues})
         for name in (INTERNAL_EDGE_END, INTERNAL_ROUTER_END):
             self._ipr.link("set", index=self._ifindex(name), mtu=INTERNAL_MTU, state="up")
         # bpf_fib_lookup forwards only from a device with forwarding on

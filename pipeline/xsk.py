@@ -23,8 +23,8 @@ from typing import Any, Self
 from pipeline import esp as _esp
 from pipeline._xsk import ffi, lib
 
-__all__ = ["MODE_AUTO", "MODE_COPY", "MODE_ZEROCOPY", "XskError", "XskStats", "XskWorker",
-           "stop_on_sigterm"]
+__all__ = ["MODE_AUTO", "MODE_COPY", "MODE_ZEROCOPY", "NattTable", "XskError", "XskStats",
+           "XskWorker", "stop_on_sigterm"]
 
 MODE_AUTO, MODE_COPY, MODE_ZEROCOPY = "auto", "copy", "zerocopy"
 _MODES = {MODE_AUTO: lib.XT_XSK_MODE_AUTO, MODE_COPY: lib.XT_XSK_MODE_COPY,
@@ -86,19 +86,31 @@ def _verdicts(arr: Any) -> dict[str, int]:
     return {name: int(arr[i]) for i, name in enumerate(_esp.VERDICTS) if name != "ok" and arr[i]}
 
 
+class NattTable:
+    """NAT-T peers (address and port ESP-in-UDP was last authenticated from, per tunnel), shared
+    by the workers of one edge: the worker that decrypts a tunnel's traffic need not be the one
+    that encrypts for it."""
+
+    def __init__(self) -> None:
+        self.ptr = ffi.new(f"uint64_t[{lib.XT_XSK_NATT_TUNNELS}]")
+
+
 class XskWorker:
     """One AF_XDP worker: RX on ``rx`` (list of (ifname, queue)), TX on ``tx_ifname``.
 
     ``tx_src_mac``/``tx_dst_mac`` form the Ethernet header of everything the worker sends
     (``tx_ifname``'s own MAC and its veth peer's). ``esp_worker`` must stay open while this
-    worker exists. ``bench_no_crypto`` (benchmarks only) forwards every frame unchanged: the
+    worker exists. ``tx_queue``: the queue of ``tx_ifname`` to transmit on (one per worker);
+    ``natt_table``: a :class:`NattTable` shared with the other workers. ``bench_no_crypto``
+    (benchmarks only) forwards every frame unchanged: the
     ceiling of the AF_XDP path itself.
     """
 
     def __init__(self, esp_worker: _esp.EspWorker, rx: list[tuple[str, int]], tx_ifname: str,
                  tx_src_mac: str, tx_dst_mac: str, *, mode: str = MODE_AUTO,
                  ring_size: int = 2048, frame_size: int = 2048, batch: int = 64,
-                 poll_ms: int = 50, bench_no_crypto: bool = False) -> None:
+                 poll_ms: int = 50, bench_no_crypto: bool = False, tx_queue: int = 0,
+                 natt_table: NattTable | None = None) -> None:
         if not 1 <= len(rx) <= lib.XT_XSK_MAX_RX:
             raise XskError(f"need 1..{lib.XT_XSK_MAX_RX} RX (device, queue) pairs, got {len(rx)}")
         if mode not in _MODES:
@@ -124,6 +136,10 @@ class XskWorker:
         cfg.mode = _MODES[mode]
         cfg.poll_ms = poll_ms
         cfg.flags = lib.XT_XSK_F_NO_CRYPTO if bench_no_crypto else 0
+        cfg.tx_queue = tx_queue
+        self._natt_table = natt_table   # kept alive as long as this worker
+        if natt_table is not None:
+            cfg.natt_table = int(ffi.cast("uintptr_t", natt_table.ptr))
         ef, el = _esp.ffi, _esp.lib
         cfg.esp_worker = int(ef.cast("uintptr_t", esp_worker._handle()))
         cfg.esp_decrypt = int(ef.cast("uintptr_t", ef.addressof(el, "xt_esp_decrypt_batch")))

@@ -79,8 +79,10 @@ def build(lab: netns.Lab, xdp_mode: str = "native") -> EdgeLab:
         port.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 16 << 20)
     dp = ipsec.IpsecDataPath({}, node_id=7)
     with edge.enter():
+        # two workers: the customer side's queue on one, the Internet side's on the other, so a
+        # tunnel is decrypted by one worker and encrypted by the other (shared NAT-T peers)
         e = ipsec.IpsecEdge(dp, [ipsec.RxDevice("cust0", (0,), xdp_mode),
-                                 ipsec.RxDevice("inet0", (0,), xdp_mode)], [EDGE_EP])
+                                 ipsec.RxDevice("inet0", (0,), xdp_mode)], [EDGE_EP], workers=2)
     return EdgeLab(lab, cust, edge, inet, dp, e, c0, i0)
 
 

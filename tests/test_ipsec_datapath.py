@@ -271,11 +271,15 @@ def test_natt_outbound_follows_last_authenticated_source_port(el):
         assert el.i0.recv(2.0, match=tagged(b"natt-in")) is not None
         assert el.edge_dp.workers[0].natt_peer(t.index) == (L.ROUTER, 62000)
         el.c0.drain()
+        rewrites = el.edge_dp.workers[1].stats().natt_rewrites
         out = inner_udp(L.INET_HOST, "10.10.0.5", b"natt-out")
         el.to_edge_from_internet(out)
         hdr, esp = recv_esp(el, t)
         assert struct.unpack("!HH", hdr[20:24]) == (4500, 62000)
         assert ref_decrypt(t.ref_out, esp)[1] == with_ttl(out, 63)
+        # learned by the worker that decrypts (customer side), used by the one that encrypts
+        assert el.edge_dp.workers[1].stats().natt_rewrites == rewrites + 1
+        assert el.edge_dp.workers[0].stats().natt_rewrites == 0
         # a forged packet from another port (bad ICV) does not move the peer
         bad = bytearray(outer_ipv4(ref_encrypt(t.ref_in, inner, 2, bytes(8)),
                                    udp=(1234, 4500), src=L.ROUTER, dst=L.EDGE_EP))
