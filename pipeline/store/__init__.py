@@ -1,4 +1,18 @@
-"""The state store shared by every edge node: interface, SQLite and etcd backends, schema."""
+"""The state store shared by every edge node: interface, SQLite and etcd backends, schema.
+
+- ``base``: the ``Store`` interface (put, get, delete, list at a revision, watch from a
+  revision, compare-and-swap on a key's mod_revision, compact) and its value types.
+- ``sqlite.SqliteStore(path)``: one machine, no server; processes share the file.
+- ``etcd.EtcdStore(endpoints, tls=EtcdTls(ca, cert, key))``: a fleet; TLS, keepalive, failover,
+  watch resume, resync after compaction.
+- ``crypto.FleetKey.from_file(path)``: the owner-only fleet key file; AES-GCM sealing.
+- ``schema``: the key layout (``/xtransit/v1/{tunnel,route,sa,ike}/...``), the record encodings
+  and ``SharedState`` (typed reads and writes: Child SAs, rekeys, IKE SA records by CAS).
+- ``pipeline.sync``: ``SaSync`` (store -> data path installer on every node) and
+  ``StoreSaInstaller`` (the IKE daemon's installer on a fleet node: writes the store).
+
+``open_store(config.state)`` opens the backend the configuration names.
+"""
 from .base import (
     DELETE,
     PUT,
