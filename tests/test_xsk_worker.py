@@ -144,3 +144,45 @@ def test_sigterm_shuts_down_cleanly(ns_pair):
     links = ns_pair.run("ip", "-d", "link", "show").stdout
     assert "xtesp0" not in links and "xtesp1" not in links, (links, err)
     assert "prog/xdp" not in links, (links, err)
+
+
+STATIC = """
+[[sa]]
+tunnel = "debug-1"
+index = 77
+local = "192.0.2.1"
+remote = "192.0.2.2"
+spi_in = 0x10000001
+spi_out = 0x20000001
+encryption = "aes-gcm-16"
+enc_key_in = "000102030405060708090a0b0c0d0e0f01020304"
+enc_key_out = "101112131415161718191a1b1c1d1e1f05060708"
+"""
+
+
+@pytest.mark.netns
+def test_operator_static_mode_runs_and_stops_on_sigterm(ns_pair, tmp_path):
+    f = tmp_path / "static.toml"
+    f.write_text(STATIC)
+    f.chmod(0o600)
+    proc = ns_pair.popen(sys.executable, "-m", "pipeline.ipsec", "static", str(f), "--dev", "v0",
+                         "--endpoint", "192.0.2.1", "--route", "10.10.0.0/24=77", "--stats",
+                         "0.2", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         cwd=str(REPO))
+    try:
+        assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
+        stats = json.loads(proc.stdout.readline())
+        t = stats["tunnels"]["debug-1"]
+        assert t["index"] == 77
+        assert sorted((s["direction"], s["spi"]) for s in t["sas"]) == [
+            ("in", 0x10000001), ("out", 0x20000001)]
+        assert stats["steering"]["decrypt"] == 0 and len(stats["workers"]) == 1
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "0001020304" not in out + err          # keys never printed
+    links = ns_pair.run("ip", "-d", "link", "show").stdout
+    assert "xtesp0" not in links and "prog/xdp" not in links, (links, err)
