@@ -363,3 +363,48 @@ tunnel = "plain"
     assert changed == {"routes4": 3, "routes6": 1, "tunnels": 0, "decap": 0, "endpoints": 0}
     assert dp.apply(cfg) == {"routes4": 0, "routes6": 0, "tunnels": 0, "decap": 0,
                              "endpoints": 0}
+
+
+def test_encap_ipv6_syn_clamped(dp, prog, fwd_ns):
+    inner = IPv6(src="2001:db8:ffff::1", dst="2001:db8:100::7", hlim=64) / TCP(
+        sport=443, dport=40000, flags="SA", options=[("SAckOK", b""), ("MSS", 1440)])
+    frame = bytes(Ether(dst=INET_MAC, src=INET_PEER) / inner)
+    res = run(fwd_ns, prog, frame, ingress="inet0")
+    assert res.action is XdpAction.REDIRECT
+    assert res.packet == encap_expected(inner, key=42)
+    assert dict(Ether(res.packet)[TCP].options)["MSS"] == 1436
+
+
+def test_prefix_routed_to_ipsec_tunnel_goes_to_kernel_counted(prog, fwd_ns, monkeypatch):
+    monkeypatch.setenv("XT_TEST_PSK", "0123456789abcdef0123456789abcdef")
+    ipsec = """
+[tunnels.ipsec.vpn]
+id = "t-vpn"
+account_id = "42"
+index = 9
+customer_endpoint = "198.51.100.30"
+edge_endpoint = "192.0.2.1"
+interface_address = "10.200.0.8/31"
+psk_env = "XT_TEST_PSK"
+"""
+    cfg = config(extra=ipsec, routes='[[routes]]\nprefix = "203.0.113.0/24"\ntunnel = "vpn"\n')
+    d = Dataplane(cfg, ifaces=[], program=prog, pin=False)
+    with fwd_ns.enter():
+        d.start()
+    try:
+        frame = bytes(Ether(dst=INET_MAC, src=INET_PEER) / IP(src=OUTSIDE, dst=HOST) / UDP())
+        res = run(fwd_ns, prog, frame, ingress="inet0")
+        assert (res.action, res.packet) == (XdpAction.PASS, frame)
+        assert d.counters().tunnel_reasons == {9: {"ipsec_not_built": 1}}
+    finally:
+        d.close()
+
+
+def test_bad_interface_fails_cleanly(prog, fwd_ns):
+    from pipeline.xdp.dataplane import DataplaneError
+    d = Dataplane(config(interfaces=("cust0", "nosuch0")), program=prog, pin=False)
+    with fwd_ns.enter(), pytest.raises(DataplaneError, match="nosuch0"):
+        d.start()
+    with fwd_ns.ipr() as ipr:    # cust0 was attached first: detached again
+        xdp = ipr.get_links(fwd_ns.index("cust0"))[0].get("IFLA_XDP")
+    assert xdp is None or xdp.get("IFLA_XDP_ATTACHED") in (None, 0, "none")
