@@ -65,6 +65,12 @@ HTTP_PORT_DEFAULT = 9469
 HTTP_ADDRESS_DEFAULT = IPv4Address("127.0.0.1")
 HISTORY_INTERVAL_DEFAULT, HISTORY_RETENTION_DEFAULT = 60, 7 * 24 * 3600
 SQLITE_PATH_DEFAULT = "/var/lib/xtransit/state.db"
+# analytics history (pipeline/analytics/store.py): 1-second points kept this long, the file's
+# size bound, and dropped-frame samples per CPU per second (bpf/sample.h)
+FINE_RETENTION_DEFAULT = 3600
+ANALYTICS_PATH_DEFAULT = "/var/lib/xtransit/analytics.db"
+HISTORY_MAX_BYTES_DEFAULT = 256 << 20
+DROP_SAMPLE_LIMIT_DEFAULT = 100
 ETCD_PREFIX_DEFAULT = "/xtransit/"
 
 ROLES = ("internet", "customer", "both")
@@ -225,6 +231,10 @@ class Analytics:
     http_port: int = HTTP_PORT_DEFAULT          # 0 disables the HTTP endpoint
     history_interval: int = HISTORY_INTERVAL_DEFAULT
     history_retention: int = HISTORY_RETENTION_DEFAULT
+    fine_retention: int = FINE_RETENTION_DEFAULT        # seconds of 1-second points
+    history_file: Path = Path(ANALYTICS_PATH_DEFAULT)
+    history_max_bytes: int = HISTORY_MAX_BYTES_DEFAULT  # bound on the history file's size
+    drop_sample_limit: int = DROP_SAMPLE_LIMIT_DEFAULT  # dropped-frame samples per CPU per second
 
 
 @dataclass(frozen=True)
@@ -784,6 +794,12 @@ def _read_analytics(ctx: _Ctx, v: Any) -> Analytics | None:
         history_interval=t.get("history_interval", _int(1, 3600), HISTORY_INTERVAL_DEFAULT),
         history_retention=t.get("history_retention", _int(60, 366 * 24 * 3600),
                                 HISTORY_RETENTION_DEFAULT),
+        fine_retention=t.get("fine_retention", _int(60, 7 * 24 * 3600), FINE_RETENTION_DEFAULT),
+        history_file=ctx.path(t.get("history_file", _str, ANALYTICS_PATH_DEFAULT)),
+        history_max_bytes=t.get("history_max_bytes", _int(64 << 10, 1 << 40),
+                                HISTORY_MAX_BYTES_DEFAULT),
+        drop_sample_limit=t.get("drop_sample_limit", _int(0, 1_000_000),
+                                DROP_SAMPLE_LIMIT_DEFAULT),
     )
     if t.ok and a.history_retention < a.history_interval:
         t.error("history_retention", f"must be at least history_interval ({a.history_interval})")
