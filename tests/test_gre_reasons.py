@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 from click.testing import CliRunner
-
 from gre_support import toml
+
 from pipeline.commands.stats import stats
 from pipeline.xdp import reasons
 
