@@ -233,3 +233,82 @@ def test_sa_sync_survives_member_failure(cl, failure):
     b.stop()
     b.state.store.close()
     a.store.close()
+
+
+def test_killed_node_process_recovers_every_sa(cl, tmp_path):
+    """Node B is a real process following the store; it is killed with SIGKILL, node A changes
+    SAs meanwhile, and the restarted process installs exactly the SAs the store holds."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from test_store_schema import child_sa
+
+    from pipeline.store.crypto import FleetKey
+    from pipeline.store.schema import Layout, SharedState
+
+    fleet_raw = b"node-restart-fleet-key-0123456789abcdef"
+    root = f"/restart{next(_counter)}/"
+    out = tmp_path / "installed.json"
+    tests = os.path.dirname(os.path.abspath(__file__))
+    node_b = f"""
+import json, os, sys, time
+sys.path[:0] = [{tests!r}, {os.path.dirname(tests)!r}]
+from pipeline.sa import RecordingSaInstaller
+from pipeline.store.crypto import FleetKey
+from pipeline.store.etcd import EtcdStore, EtcdTls
+from pipeline.store.schema import Layout, SharedState
+from pipeline.sync import SaSync
+tls = EtcdTls({str(cl.tls.ca_file)!r}, {str(cl.tls.cert_file)!r}, {str(cl.tls.key_file)!r})
+store = EtcdStore({cl.endpoints!r}, tls=tls, keepalive_s=1.0, keepalive_timeout_s=1.0)
+inst = RecordingSaInstaller()
+SaSync(SharedState(store, FleetKey({fleet_raw!r}), Layout({root!r})), inst).start()
+while True:
+    with open({str(out)!r} + ".tmp", "w") as f:
+        json.dump(sorted(inst.sas), f)
+    os.replace({str(out)!r} + ".tmp", {str(out)!r})
+    time.sleep(0.05)
+"""
+
+    def wait_installed(proc, want, timeout=20.0):
+        deadline = time.monotonic() + timeout
+        while True:
+            assert proc.poll() is None, "node B exited"
+            try:
+                got = json.loads(out.read_text())
+            except (OSError, ValueError):
+                got = None
+            if got == sorted(want):
+                return
+            assert time.monotonic() < deadline, (got, sorted(want))
+            time.sleep(0.05)
+
+    a = SharedState(cl.client(), FleetKey(fleet_raw), Layout(root), node=1)
+    sas = [child_sa(i) for i in range(40)]
+    procs = []
+    try:
+        for sa in sas[:20]:
+            a.put_child_sa(sa)
+        procs.append(subprocess.Popen([sys.executable, "-c", node_b]))
+        wait_installed(procs[-1], [sa.spi_in for sa in sas[:20]])
+        procs[-1].send_signal(signal.SIGKILL)
+        procs[-1].wait(10)
+        out.unlink()
+        for sa in sas[:5]:
+            a.delete_child_sa(sa.tunnel_name, sa.spi_in)
+        for old, new in zip(sas[5:10], sas[20:25], strict=True):
+            a.rekey_child_sa(old.spi_in, new)
+        for sa in sas[25:35]:
+            a.put_child_sa(sa)
+        procs.append(subprocess.Popen([sys.executable, "-c", node_b]))
+        wait_installed(procs[-1], [sa.spi_in for sa in sas[10:35]])
+        a.delete_child_sa("site-c", sas[10].spi_in)          # and it follows again
+        wait_installed(procs[-1], [sa.spi_in for sa in sas[11:35]])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
+        a.store.close()
