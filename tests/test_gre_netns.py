@@ -231,3 +231,22 @@ def test_verifier_rejection_shows_the_whole_log():
         compile_program(path=REPO / "tests" / "bpf" / "verifier_reject.c")
     assert "invalid access to packet" in e.value.log
     assert "processed" in str(e.value)                      # the log is in the message too
+
+
+def test_native_redirect_into_a_bare_veth_is_lost(lab, prog):
+    """The veth fact the peer step exists for: without an XDP program (or GRO) on the receiving
+    peer, native XDP_REDIRECT into the veth drops every frame, silently."""
+    cust, edge_ns, inet = build(lab)
+    dp = Dataplane(config(node=f"edge-bare-{os.getpid()}", interfaces=("e0", "e1")),
+                   mode="native", program=prog, pin=False, prepare_peers=False)
+    with edge_ns.enter():
+        dp.start()
+    try:
+        frame, want = decap_frame_and_want()
+        c, i = lab.port(cust, "c0"), lab.port(inet, "i0")
+        for _ in range(10):
+            c.send(frame)
+        assert i.recv_all(10, timeout=1, match=lambda f: f[23] == 17) == []
+        assert dp.counters().reasons["decap_forwarded"][0] == 10     # the program did its part
+    finally:
+        dp.close()

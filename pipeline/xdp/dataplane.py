@@ -241,6 +241,7 @@ class Dataplane:
     program: Program | None = None       # share a compiled program (tests); else compile one
     pin: bool = True
     cflags: tuple[str, ...] = ()
+    prepare_peers: bool = True           # give native-mode veth peers a pass-only program
     _own_program: bool = field(default=False, init=False)
     _attached: list[_Attached] = field(default_factory=list, init=False)
     _state: MapState | None = field(default=None, init=False)
@@ -439,7 +440,7 @@ class Dataplane:
         a = _Attached(ifname, mode)
         self._attached.append(a)
         if link["kind"] == "veth":
-            if mode == "native":
+            if mode == "native" and self.prepare_peers:
                 a.peer = self._prepare_peer(ifname, link)
             else:
                 subprocess.run(["ethtool", "-K", ifname, "gro", "on"], capture_output=True, check=False)
