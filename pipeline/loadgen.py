@@ -60,7 +60,7 @@ XDP_FLAGS_SKB_MODE = 1 << 1
 XDP_FLAGS_DRV_MODE = 1 << 2
 MODES = {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}
 _CLONE_NEWNET = 0x40000000
-_CHUNK_MAX = 1 << 24  # frames per syscall in a timed run (a syscall is not interrupted early)
+_CHUNK_MAX = 1 << 22  # frames per syscall at most (~0.5 s; a syscall is not interrupted early)
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
@@ -466,6 +466,7 @@ class LoadGen:
         self.ifname = ifname
         self.cpus = list(cpus) if cpus else [min(os.sched_getaffinity(0))]
         self.batch_size = batch_size
+        self._stop = threading.Event()
         if peer is not None:
             why = veth_ready(*peer)
             if why:
@@ -498,15 +499,17 @@ class LoadGen:
                 start.wait()
                 deadline = time.monotonic() + (seconds or 0.0)
                 if count is not None:
-                    while sent < count:
-                        n = min(count - sent, 1 << 30)
+                    while sent < count and not self._stop.is_set():
+                        # whole syscalls are not interrupted by Ctrl-C (the signal goes to the
+                        # main thread): chunks of at most _CHUNK_MAX keep a stop prompt
+                        n = min(count - sent, _CHUNK_MAX)
                         testrun.live_frames(self._fn.fd, frame, repeat=n,
                                             ingress_ifindex=self.ifindex,
                                             batch_size=self.batch_size)
                         sent += n
                 else:
                     chunk = 1 << 16
-                    while True:
+                    while not self._stop.is_set():
                         t0 = time.monotonic()
                         if t0 >= deadline:
                             break
@@ -543,8 +546,16 @@ class LoadGen:
         except threading.BrokenBarrierError:
             pass
         t0 = time.monotonic()
-        for t in threads:
-            t.join()
+        try:
+            for t in threads:
+                t.join()
+        except BaseException:  # Ctrl-C, SIGTERM turned into KeyboardInterrupt: stop them
+            self._stop.set()
+            for t in threads:
+                t.join()
+            raise
+        finally:
+            self._stop.clear()
         elapsed = time.monotonic() - t0
         errors = [x for x in out if isinstance(x, BaseException)]
         if errors:
@@ -707,6 +718,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (LoadGenError, OSError, ValueError) as exc:
         print(f"loadgen: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("loadgen: interrupted", file=sys.stderr)
+        return 130
     print(f"sent {res.packets} frames of {len(frame)} bytes in {res.seconds:.3f} s: "
           f"{res.pps / 1e6:.3f} Mpps, {res.bytes * 8 / res.seconds / 1e9:.3f} Gbit/s "
           f"({res.errors} errors; delivery: see the receiver's counters)")
