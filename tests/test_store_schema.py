@@ -18,6 +18,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from etcd_cluster import EtcdCluster, require_etcd
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pipeline import config as C
 from pipeline.sa import ChildSaParams, Selector
@@ -265,3 +267,58 @@ def test_tunnels_and_routes_psk_left_out(tmp_path, fleet):
             ("ipsec", "123456789", "env:SITE_C_PSK", None)
         assert psk.encode() not in (tmp_path / "s.db-wal").read_bytes()
         assert s.get("/xtransit/v1/route/branch-1/172.21.0.0%2F16") is not None
+
+
+# --- Hypothesis: any Child SA round-trips; any change to the sealed keys is refused ----------
+_addr4 = st.integers(0, 2**32 - 1).map(ipaddress.IPv4Address)
+_sel = st.builds(lambda a, b, proto, p1, p2: Selector(min(a, b), max(a, b), proto, min(p1, p2),
+                                                      max(p1, p2)),
+                 _addr4, _addr4, st.integers(0, 255), st.integers(0, 65535),
+                 st.integers(0, 65535))
+_port = st.none() | st.integers(1, 65535)
+_keybytes = st.binary(min_size=0, max_size=64)
+
+
+@st.composite
+def child_sas(draw):
+    return ChildSaParams(
+        tunnel_name=draw(st.text(min_size=1, max_size=20).filter(lambda s: "\0" not in s)),
+        tunnel_id=draw(st.text(max_size=32)), account_id=draw(st.text(max_size=12)),
+        ike_sa=draw(st.text(max_size=40)), spi_in=draw(st.integers(1, 2**32 - 1)),
+        spi_out=draw(st.integers(1, 2**32 - 1)),
+        encr=draw(st.sampled_from(["aes-gcm-16", "aes-cbc", "null"])),
+        encr_key_bits=draw(st.sampled_from([0, 128, 256])),
+        integ=draw(st.none() | st.just("hmac-sha2-256-128")),
+        local_addr=str(draw(_addr4)), remote_addr=str(draw(_addr4)),
+        encap_local_port=draw(_port), encap_remote_port=draw(_port),
+        replay_window=draw(st.integers(0, 4096)), esn=draw(st.booleans()),
+        lifetime_soft_s=draw(st.integers(0, 10**6)), lifetime_hard_s=draw(st.integers(0, 10**6)),
+        ts_local=tuple(draw(st.lists(_sel, max_size=3))),
+        ts_remote=tuple(draw(st.lists(_sel, max_size=3))),
+        enc_key_in=draw(_keybytes), enc_key_out=draw(_keybytes), salt_in=draw(_keybytes),
+        salt_out=draw(_keybytes), integ_key_in=draw(_keybytes), integ_key_out=draw(_keybytes))
+
+
+FLEET_FOR_PROPS = FleetKey(b"hypothesis-fleet-key-0123456789abcdef-x")
+
+
+@settings(max_examples=150, deadline=None)
+@given(sa=child_sas(), flip=st.integers(0, 10**6), bit=st.integers(0, 7))
+def test_child_sa_round_trip_and_tamper(sa, flip, bit):
+    fleet = FLEET_FOR_PROPS
+    key = Layout().sa(sa.tunnel_name, sa.spi_in)
+    value = encode_child_sa(fleet, key, sa)
+    back = decode_child_sa(fleet, key, value)
+    assert back.sa == sa and (back.replaces, back.node) == (None, None)
+    assert Layout().parse_sa(key) == (sa.tunnel_name, sa.spi_in)
+    for k in (sa.enc_key_in, sa.enc_key_out, sa.integ_key_in, sa.integ_key_out):
+        # (Keys of printable bytes could match the generated text fields by chance.)
+        if len(k) >= 8 and any(b < 0x20 or b > 0x7E for b in k):
+            assert k not in value and base64.b64encode(k) not in value
+            assert k.hex().encode() not in value
+    obj = json.loads(value)
+    blob = bytearray(base64.b64decode(obj["keys"]))
+    blob[flip % len(blob)] ^= 1 << bit
+    obj["keys"] = base64.b64encode(bytes(blob)).decode()
+    with pytest.raises(SchemaError):
+        decode_child_sa(fleet, key, json.dumps(obj).encode())
