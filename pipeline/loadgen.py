@@ -22,8 +22,10 @@ Threads: ``BPF_PROG_TEST_RUN`` resolves the ingress ifindex in the caller's netw
 so every generator thread enters the namespace with setns(2) (which affects only that thread),
 pins itself to its CPU and runs the syscall with the GIL released (ctypes).
 
-    .venv/bin/python -m pipeline.loadgen --netns NS --dev veth0 --dst-mac 02:.. --udp \\
-        10.0.0.1:1000 10.0.0.2:9 --size 64 --seconds 5 --cpus 0,1
+    .venv/bin/python -m pipeline.loadgen --netns NS --dev veth0 --dst-mac 02:00:00:00:00:02 \\
+        --flow 10.0.0.1:1000 10.0.0.2:9 --size 64 --seconds 5 --cpus 0,1
+    (--tcp-syn for SYNs with MSS 1460, --gre SRC DST [--gre-key K] to encapsulate them,
+    --count N instead of --seconds)
 """
 from __future__ import annotations
 
