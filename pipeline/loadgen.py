@@ -693,7 +693,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m pipeline.loadgen",
         description="Send IPv4 UDP or TCP SYN frames (optionally inside GRE) at full speed out "
                     "of an interface with XDP live frames. Frames go to the interface's peer: "
-                    "use a veth (on a real NIC use trafgen, bench/trafgen/).")
+                    "use a veth whose peer has a native XDP program or GRO on (else the "
+                    "kernel drops them silently); on a real NIC use trafgen (bench/trafgen/).")
     p.add_argument("--netns", help="network namespace of the interface (default: this one)")
     p.add_argument("--dev", required=True, help="sending interface")
     p.add_argument("--src-mac", default="02:00:00:00:00:01")
