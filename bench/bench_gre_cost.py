@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_gre_cost.py            # full: 10 .. 100,000 tunnels/prefixes
     .venv/bin/python bench/bench_gre_cost.py --smoke    # a few seconds, for CI
+    .venv/bin/python bench/bench_gre_cost.py --attribution   # where the edge program's time goes
 
 Programs (bpf/bench_gre.c), all behind the same frame-restoring prologue (the kernel does not
 reset the buffer between repeats), whose own cost (bench_restore_only) is subtracted:
@@ -72,6 +73,25 @@ def frames() -> dict[str, bytes]:
             (("decap", decap), ("encap", encap), ("baseline", base))}
 
 
+def attribution_frames() -> dict[str, bytes]:
+    """Frames that stop at successive stages of the edge program (10 tunnels/prefixes)."""
+    e = Ether(dst=IN_MAC, src=PEER_MAC)
+    inner = IP(src="203.0.113.7", dst=OUTSIDE)
+    out = {
+        "not ours (endpoint + LPM miss)": e / IP(src="1.1.1.1", dst="100.64.0.10") / UDP(),
+        "outer fragment (pass)": e / IP(src=CUSTOMER, dst=EDGE, flags="MF") / GRE() / inner,
+        "unknown tunnel (GRE parsed, miss)": e / IP(src="198.51.100.99", dst=EDGE) / GRE()
+        / inner / UDP(),
+        "decap UDP (no MSS walk)": e / IP(src=CUSTOMER, dst=EDGE) / GRE(key_present=1, key=42)
+        / inner / UDP(),
+        "decap TCP SYN (MSS clamped)": e / IP(src=CUSTOMER, dst=EDGE) / GRE(key_present=1,
+                                                                             key=42)
+        / inner / TCP(flags="S", options=[("MSS", 1460)]),
+        "encap UDP": e / IP(src=OUTSIDE, dst=HOST) / UDP(),
+    }
+    return {k: bytes(v).ljust(LEN, b"\0") for k, v in out.items()}
+
+
 def fill(prog, n: int) -> None:
     """n tunnels and n prefixes in all (the configured one included), filler is random-free:
     tunnel i has customer 10.x.y.z and key i, prefix i is 100.96.0.0/11 + i as a /32."""
@@ -112,6 +132,7 @@ def measure(fd: int, ifindex: int, repeat: int) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--attribution", action="store_true")
     args = ap.parse_args()
     levels = [10, 1000] if args.smoke else [10, 1000, 10_000, 100_000]
     repeat, rounds = (20_000, 3) if args.smoke else (500_000, 5)
@@ -132,6 +153,25 @@ def main() -> int:
             dp = Dataplane(loads(CONFIG), ifaces=[], program=prog, pin=False,
                            cflags=("-DXT_MAX_TUNNELS=131072",)).start()
             ifindex = ns.index("in0")
+            if args.attribution:
+                r0 = statistics.median(testrun.run(
+                    fns["bench_restore_only"], fr["baseline"], repeat=repeat,
+                    ingress_ifindex=ifindex).duration_ns for _ in range(rounds))
+                print(f"ns per packet, bench_restore_only ({r0} ns) subtracted:")
+                for what, frame in attribution_frames().items():
+                    set_template(prog, frame, 28, -28)
+                    t = statistics.median(testrun.run(
+                        fns["bench_edge"], frame, repeat=repeat,
+                        ingress_ifindex=ifindex).duration_ns for _ in range(rounds))
+                    print(f"  {what:<36} {t - r0:>5}")
+                set_template(prog, fr["baseline"], 28, -28)
+                t = statistics.median(testrun.run(
+                    fns["bench_fib"], fr["baseline"], repeat=repeat,
+                    ingress_ifindex=ifindex).duration_ns for _ in range(rounds))
+                print(f"  {'bpf_fib_lookup + MAC rewrite alone':<36} {t - r0:>5}")
+                dp.close()
+                prog.close()
+                return 0
             results = {}
             filled = 1
             for n in levels:
