@@ -1,0 +1,212 @@
+"""Packet samples from the data plane's ring buffer (bpf/sample.h) and their per-minute mix.
+
+The XDP program sends the first bytes of 1 in N frames, and of dropped frames up to a per-CPU
+limit per second, as ``struct xt_sample`` records. :func:`parse_record` reads one record,
+:func:`headers` parses the frame down to the innermost IP header (through GRE) and its TCP/UDP
+ports and TCP flags, and :class:`Mix` counts them per tunnel and minute: top source addresses,
+top destination ports, protocols and TCP flag combinations.
+
+:class:`Sampler` owns the program side: writes the rate and the drop limit into
+``xt_sample_cfg``, opens the ring buffer through bcc and drains it into a :class:`Mix`.
+"""
+from __future__ import annotations
+
+import ipaddress
+import struct
+import threading
+from collections import Counter, deque
+from dataclasses import dataclass, field
+
+from ..xdp import reasons as _reasons
+
+SAMPLE_BYTES = 128                 # XT_SAMPLE_BYTES
+F_PERIODIC, F_DROP = 0x1, 0x2      # XT_SAMPLE_F_*
+_HDR = struct.Struct("=6I")        # tunnel, reason, action, flags, len, cap
+RECORD_SIZE = _HDR.size + SAMPLE_BYTES
+PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 47: "gre", 50: "esp", 58: "icmpv6", 132: "sctp"}
+_TCP_FLAGS = ((0x02, "SYN"), (0x10, "ACK"), (0x01, "FIN"), (0x04, "RST"), (0x08, "PSH"),
+              (0x20, "URG"), (0x40, "ECE"), (0x80, "CWR"))
+KINDS = ("src", "dport", "proto", "tcp_flags")
+
+
+@dataclass(frozen=True)
+class Record:
+    tunnel: int
+    reason: int
+    action: int
+    flags: int
+    length: int
+    data: bytes
+
+
+def parse_record(raw: bytes) -> Record:
+    if len(raw) != RECORD_SIZE:
+        raise ValueError(f"sample record of {len(raw)} bytes, expected {RECORD_SIZE}")
+    tunnel, reason, action, flags, length, cap = _HDR.unpack_from(raw)
+    cap = min(cap, SAMPLE_BYTES, len(raw) - _HDR.size)
+    return Record(tunnel, reason, action, flags, length, bytes(raw[_HDR.size:_HDR.size + cap]))
+
+
+@dataclass(frozen=True)
+class Headers:
+    """What a sampled frame says about the innermost IP packet (None: not present/truncated)."""
+    src: str | None = None
+    dst: str | None = None
+    proto: int | None = None
+    sport: int | None = None
+    dport: int | None = None
+    tcp_flags: int | None = None
+
+
+def _gre_inner(b: bytes, off: int) -> tuple[int, int] | None:
+    """(offset of the inner packet, EtherType) after a GRE header at ``off`` (RFC 2784 section
+    2, RFC 2890 section 2), or None when truncated or not version 0."""
+    if len(b) < off + 4:
+        return None
+    flags, proto = struct.unpack_from("!HH", b, off)
+    if flags & 0x0007 or flags & 0x4000:
+        return None
+    hlen = 4 + 4 * bool(flags & 0x8000) + 4 * bool(flags & 0x2000) + 4 * bool(flags & 0x1000)
+    return off + hlen, proto
+
+
+def _ip(b: bytes, off: int, ethertype: int, depth: int = 0) -> Headers:
+    if ethertype == 0x0800:
+        if len(b) < off + 20 or b[off] >> 4 != 4 or (b[off] & 0xF) < 5:
+            return Headers()
+        ihl = (b[off] & 0xF) * 4
+        proto = b[off + 9]
+        frag = struct.unpack_from("!H", b, off + 6)[0] & 0x1FFF
+        src = str(ipaddress.IPv4Address(b[off + 12:off + 16]))
+        dst = str(ipaddress.IPv4Address(b[off + 16:off + 20]))
+        l4 = off + ihl
+        if frag:
+            return Headers(src, dst, proto)
+    elif ethertype == 0x86DD:
+        if len(b) < off + 40 or b[off] >> 4 != 6:
+            return Headers()
+        proto = b[off + 6]
+        src = str(ipaddress.IPv6Address(b[off + 8:off + 24]))
+        dst = str(ipaddress.IPv6Address(b[off + 24:off + 40]))
+        l4 = off + 40
+    else:
+        return Headers()
+    if proto == 47 and depth == 0:
+        inner = _gre_inner(b, l4)
+        if inner is not None:
+            h = _ip(b, inner[0], inner[1], depth + 1)
+            if h.src is not None:
+                return h
+        return Headers(src, dst, proto)
+    if proto in (6, 17, 132) and len(b) >= l4 + 4:
+        sport, dport = struct.unpack_from("!HH", b, l4)
+        flags = b[l4 + 13] if proto == 6 and len(b) >= l4 + 14 else None
+        return Headers(src, dst, proto, sport, dport, flags)
+    return Headers(src, dst, proto)
+
+
+def headers(frame: bytes) -> Headers:
+    """The innermost IP packet's addresses, protocol, ports and TCP flags of an Ethernet frame
+    (one level of GRE is looked through; ESP is opaque)."""
+    if len(frame) < 14:
+        return Headers()
+    return _ip(frame, 14, struct.unpack_from("!H", frame, 12)[0])
+
+
+def protocol_name(proto: int) -> str:
+    return PROTO_NAMES.get(proto, str(proto))
+
+
+def flag_names(flags: int) -> str:
+    names = [n for bit, n in _TCP_FLAGS if flags & bit]
+    return "|".join(names) if names else "none"
+
+
+@dataclass
+class Mix:
+    """Sample counts per (minute, tunnel index, kind, key); kinds are :data:`KINDS` plus
+    ``samples`` (key ``periodic`` / ``drop``: how many of each the minute holds)."""
+    counts: Counter = field(default_factory=Counter)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, rec: Record, when: float) -> None:
+        minute = int(when) // 60 * 60
+        h = headers(rec.data)
+        items = []
+        if rec.flags & F_PERIODIC:
+            items.append(("samples", "periodic"))
+        if rec.flags & F_DROP:
+            items.append(("samples", "drop"))
+            items.append(("drop_reason", _reasons.load().name(rec.reason)))
+        if h.src is not None:
+            items.append(("src", h.src))
+            items.append(("proto", protocol_name(h.proto)))
+        if h.dport is not None:
+            items.append(("dport", str(h.dport)))
+        if h.tcp_flags is not None:
+            items.append(("tcp_flags", flag_names(h.tcp_flags)))
+        with self.lock:
+            for kind, key in items:
+                self.counts[(minute, rec.tunnel, kind, key)] += 1
+
+    def take(self) -> Counter:
+        """The counts gathered since the last call (and forget them)."""
+        with self.lock:
+            out, self.counts = self.counts, Counter()
+        return out
+
+
+class Sampler:
+    """The program side of sampling: configure ``xt_sample_cfg`` and drain ``xt_samples``.
+
+    ``bpf`` is the bcc BPF object of a program built with -DXT_FEATURE_SAMPLE. ``clock`` gives
+    the wall-clock time a drained record is filed under (its minute); ``keep`` records are kept
+    as parsed in ``recent`` (for inspection)."""
+
+    def __init__(self, bpf, rate: int, drop_limit: int, clock=None, keep: int = 0) -> None:
+        import time
+        self.bpf = bpf
+        self.recent: deque[Record] = deque(maxlen=keep)   # the last ``keep`` records, as parsed
+        self.clock = clock or time.time
+        self.mix = Mix()
+        self.received = 0
+        self.malformed = 0
+        self.configure(rate, drop_limit)
+        bpf[b"xt_samples"].open_ring_buffer(self._on_record)
+
+    def reset(self) -> None:
+        """Zero the per-CPU sampler state and counters (tests, a restarted collector)."""
+        self.bpf[b"xt_sample_state"].clear()
+
+    def configure(self, rate: int, drop_limit: int) -> None:
+        if not 0 <= rate < 1 << 32 or not 0 <= drop_limit < 1 << 32:
+            raise ValueError(f"sample rate {rate} / drop limit {drop_limit} outside 0..2^32-1")
+        t = self.bpf[b"xt_sample_cfg"]
+        leaf = t.Leaf()
+        leaf.rate, leaf.drop_limit = rate, drop_limit
+        t[t.Key(0)] = leaf
+
+    def _on_record(self, _ctx, data, size) -> int:
+        import ctypes
+        raw = ctypes.string_at(data, size)
+        try:
+            rec = parse_record(raw)
+        except ValueError:
+            self.malformed += 1
+            return 0
+        self.received += 1
+        self.recent.append(rec)
+        self.mix.add(rec, self.clock())
+        return 0
+
+    def drain(self) -> int:
+        """Consume every record waiting in the ring buffer (non-blocking); returns how many."""
+        before = self.received + self.malformed
+        self.bpf.ring_buffer_consume()
+        return self.received + self.malformed - before
+
+    def counters(self) -> dict[str, int]:
+        """The program's per-CPU sampler counters, summed: sent, lost, suppressed."""
+        t = self.bpf[b"xt_sample_state"]
+        vals = t[t.Key(0)]
+        return {k: sum(getattr(v, k) for v in vals) for k in ("sent", "lost", "suppressed")}
