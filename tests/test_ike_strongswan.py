@@ -516,3 +516,58 @@ def test_edge_rekeys_ike_sa_then_deletes_child(topo):
     assert e.installer.wait_for(lambda sas: not sas, 5)
     assert _wait(lambda: f"{child.spi_out:08x}" not in peer_cmd(cust, "status").stdout, 5)
     assert "ESTABLISHED" in peer_cmd(cust, "status").stdout  # the IKE SA stays
+
+
+@pytest.mark.parametrize("esp", ["aes256gcm16", "aes128-sha256", "aes256-sha1"])
+def test_negotiated_keys_carry_strongswan_esp_both_ways(topo, esp):
+    """The keys, salts and SPIs we derive must match strongSwan's: its pings arrive as ESP in UDP
+    and are decrypted with our inbound SA by an independent reference (tests/esp_support.py,
+    on `cryptography`); the echo replies are encrypted with our outbound SA and strongSwan's
+    userspace ESP accepts them, so `ping` succeeds."""
+    import ipaddress
+    import struct
+
+    from esp_support import RefSa, csum, ipv4, ref_decrypt, ref_encrypt
+
+    _, cust, start = topo
+    e = start()
+    seen = {"in": 0, "out": 0, "bad": 0}
+    seq_out = [0]
+
+    def ref(sa, direction):
+        d = direction
+        return RefSa(getattr(sa, "spi_" + d), sa.encr, getattr(sa, "enc_key_" + d),
+                     getattr(sa, "salt_" + d), sa.integ or "none", getattr(sa, "integ_key_" + d))
+
+    def on_esp(data, local, remote):
+        sa = next(iter(e.installer.sas.values()), None)
+        if sa is None or int.from_bytes(data[:4], "big") != sa.spi_in:
+            seen["bad"] += 1
+            return
+        try:
+            nh, inner, _ = ref_decrypt(ref(sa, "in"), data)
+        except ValueError:
+            seen["bad"] += 1
+            return
+        seen["in"] += 1
+        if nh != 4 or inner[9] != 1 or inner[20] != 8:  # only ICMP echo requests are answered
+            return
+        icmp = bytearray(inner[20:])
+        icmp[0], icmp[2:4] = 0, b"\0\0"
+        body = bytes(icmp) + (b"\0" if len(icmp) % 2 else b"")
+        icmp[2:4] = struct.pack("!H", csum(body))
+        reply = ipv4(bytes(icmp), src=str(ipaddress.IPv4Address(inner[16:20])),
+                     dst=str(ipaddress.IPv4Address(inner[12:16])), proto=1, ttl=64)
+        seq_out[0] += 1
+        out_sa = ref(sa, "out")
+        packet = ref_encrypt(out_sa, reply, seq_out[0], os.urandom(out_sa.iv_len))
+        e.server.endpoints[local].transport.sendto(packet, remote)  # ESP in UDP: no marker
+        seen["out"] += 1
+
+    e.server.esp_handler = on_esp
+    proc = peer(cust, "--id-type", "fqdn", "--id", FQDN, "--esp", esp)
+    assert proc.returncode == 0, proc.stderr
+    ping = peer_cmd(cust, "ping", "10.10.2.1", "3")
+    assert ping.returncode == 0, ping.stdout + ping.stderr
+    assert " 3 received" in ping.stdout
+    assert seen["in"] >= 3 and seen["out"] >= 3 and seen["bad"] == 0
