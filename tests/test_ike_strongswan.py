@@ -518,56 +518,87 @@ def test_edge_rekeys_ike_sa_then_deletes_child(topo):
     assert "ESTABLISHED" in peer_cmd(cust, "status").stdout  # the IKE SA stays
 
 
-@pytest.mark.parametrize("esp", ["aes256gcm16", "aes128-sha256", "aes256-sha1"])
-def test_negotiated_keys_carry_strongswan_esp_both_ways(topo, esp):
-    """The keys, salts and SPIs we derive must match strongSwan's: its pings arrive as ESP in UDP
-    and are decrypted with our inbound SA by an independent reference (tests/esp_support.py,
-    on `cryptography`); the echo replies are encrypted with our outbound SA and strongSwan's
-    userspace ESP accepts them, so `ping` succeeds."""
+def _reference_esp_echo(e):
+    """ESP-in-UDP handler for the edge: decrypt with our inbound SA through the independent
+    reference (tests/esp_support.py, on `cryptography`), answer ICMP echo requests through our
+    outbound SA of the same pair. Returns the counters it keeps."""
     import ipaddress
     import struct
 
     from esp_support import RefSa, csum, ipv4, ref_decrypt, ref_encrypt
 
-    _, cust, start = topo
-    e = start()
-    seen = {"in": 0, "out": 0, "bad": 0}
-    seq_out = [0]
+    seen = {"in": 0, "out": 0, "bad": 0, "spis": set()}
+    seq_out: dict[int, int] = {}
 
-    def ref(sa, direction):
-        d = direction
+    def ref(sa, d):
         return RefSa(getattr(sa, "spi_" + d), sa.encr, getattr(sa, "enc_key_" + d),
                      getattr(sa, "salt_" + d), sa.integ or "none", getattr(sa, "integ_key_" + d))
 
     def on_esp(data, local, remote):
-        sa = next(iter(e.installer.sas.values()), None)
-        if sa is None or int.from_bytes(data[:4], "big") != sa.spi_in:
-            seen["bad"] += 1
-            return
+        sa = e.installer.sas.get(int.from_bytes(data[:4], "big"))
         try:
+            if sa is None:
+                raise ValueError("unknown SPI")
             nh, inner, _ = ref_decrypt(ref(sa, "in"), data)
         except ValueError:
             seen["bad"] += 1
             return
         seen["in"] += 1
+        seen["spis"].add(sa.spi_in)
         if nh != 4 or inner[9] != 1 or inner[20] != 8:  # only ICMP echo requests are answered
             return
         icmp = bytearray(inner[20:])
         icmp[0], icmp[2:4] = 0, b"\0\0"
-        body = bytes(icmp) + (b"\0" if len(icmp) % 2 else b"")
-        icmp[2:4] = struct.pack("!H", csum(body))
+        icmp[2:4] = struct.pack("!H", csum(bytes(icmp) + b"\0" * (len(icmp) % 2)))
         reply = ipv4(bytes(icmp), src=str(ipaddress.IPv4Address(inner[16:20])),
                      dst=str(ipaddress.IPv4Address(inner[12:16])), proto=1, ttl=64)
-        seq_out[0] += 1
+        seq_out[sa.spi_out] = seq_out.get(sa.spi_out, 0) + 1
         out_sa = ref(sa, "out")
-        packet = ref_encrypt(out_sa, reply, seq_out[0], os.urandom(out_sa.iv_len))
+        packet = ref_encrypt(out_sa, reply, seq_out[sa.spi_out], os.urandom(out_sa.iv_len))
         e.server.endpoints[local].transport.sendto(packet, remote)  # ESP in UDP: no marker
         seen["out"] += 1
 
     e.server.esp_handler = on_esp
+    return seen
+
+
+@pytest.mark.parametrize("esp", ["aes256gcm16", "aes128-sha256", "aes256-sha1"])
+def test_negotiated_keys_carry_strongswan_esp_both_ways(topo, esp):
+    """The keys, salts and SPIs we derive must match strongSwan's: its pings arrive as ESP in UDP
+    and decrypt with our inbound SA; the replies, encrypted with our outbound SA, are accepted
+    by strongSwan's userspace ESP, so `ping` succeeds."""
+    _, cust, start = topo
+    e = start()
+    seen = _reference_esp_echo(e)
     proc = peer(cust, "--id-type", "fqdn", "--id", FQDN, "--esp", esp)
     assert proc.returncode == 0, proc.stderr
     ping = peer_cmd(cust, "ping", "10.10.2.1", "3")
     assert ping.returncode == 0, ping.stdout + ping.stderr
     assert " 3 received" in ping.stdout
     assert seen["in"] >= 3 and seen["out"] >= 3 and seen["bad"] == 0
+
+
+def test_keys_after_pfs_rekey_and_ike_rekey_carry_esp(topo):
+    """Child KEYMAT with a new DH value (PFS rekey), and Child SAs made from a rekeyed IKE SA's
+    SK_d, both carry strongSwan's ESP."""
+    _, cust, start = topo
+    e = start()
+    seen = _reference_esp_echo(e)
+    assert peer(cust, "--id-type", "fqdn", "--id", FQDN, "--esp", "aes128gcm16-ecp384"
+                ).returncode == 0
+    uri = f"unix:///tmp/swan-peer/{cust.name}/charon.vici"
+    assert " 2 received" in peer_cmd(cust, "ping", "10.10.2.1", "2").stdout
+    (first,) = e.installer.sas
+    for what in (["--child", "net"], ["--ike", "peer"], ["--child", "net"]):
+        before = set(e.installer.sas)
+        assert peer_cmd(cust, "exec", "--", "swanctl", "--rekey", *what, "--uri", uri).returncode == 0
+        if what[0] == "--child":
+            assert e.installer.wait_for(lambda sas, b=before: set(sas) - b and len(sas) == 1, 10)
+        else:
+            assert _wait(lambda: e.engine.stats["ike_rekeyed"] == 1 and len(e.engine.sas) == 1, 10)
+        ping = peer_cmd(cust, "ping", "10.10.2.1", "2")
+        assert " 2 received" in ping.stdout, ping.stdout
+    (last,) = e.installer.sas
+    assert last != first and last in seen["spis"] and seen["bad"] == 0
+    (ike_sa,) = e.call(lambda: e.engine.established_sas())
+    assert ike_sa.children[last].sel.dh == 20
