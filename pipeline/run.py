@@ -1,0 +1,572 @@
+"""`xtransit run`: the edge daemon, composing the pieces the other modules provide.
+
+    edge = Edge(config_path)
+    edge.start()                 # data plane, AF_XDP workers, state sync, IKE, analytics
+    asyncio.run(edge.serve())    # until SIGTERM/SIGINT; SIGHUP reloads (map updates only)
+    edge.close()                 # idempotent; nothing stays attached
+
+What runs, in this order (and stops in the reverse order):
+
+1. the XDP edge program (pipeline/xdp/dataplane.py) on every ``node.interfaces`` entry, built
+   with ESP steering (``-DXT_FEATURE_ESP``) when the config has IPsec tunnels;
+2. for IPsec tunnels: the state store (``[state]``: SQLite by default, etcd), the native ESP data
+   path (pipeline/ipsec.py ``IpsecDataPath``) fed by the store through ``SaSync``, one AF_XDP
+   worker for the configured interfaces (``IpsecEdge``, whose sockets go into the edge program's
+   XSKMAP), and the IKE responder (pipeline/ike/) on UDP 500/4500 of every tunnel endpoint. The
+   responder writes Child SAs to the store (``StoreSaInstaller``); ``SaSync`` installs what the
+   store holds, so a node that negotiated and a node that did not take the same path;
+3. the analytics collector, when ``pipeline.analytics`` provides one (see :func:`_analytics`).
+
+Customer-side GRE mode needs nothing special: a node whose tunnel endpoint is the customer
+router's address and whose GRE tunnel's ``customer_endpoint`` is the edge's anycast address,
+with routes (e.g. the Internet prefixes) into that tunnel, encapsulates toward the edge and
+decapsulates what comes back with the same program (examples/demo-gre-cpe.toml).
+
+Events (one log line each, ``event=<name>`` and key=value fields, or one JSON object per line
+with ``--log-format json``): ``started``, ``stopped``, ``config_reloaded``,
+``config_reload_failed``, ``ike_sa_up``, ``ike_sa_down``, ``child_sa_up``, ``child_sa_rekeyed``,
+``child_sa_down``, ``sa_installed``, ``sa_rekeyed``, ``sa_deleted``, ``tunnel_up``,
+``tunnel_down`` (IPsec: the tunnel has / no longer has an SA pair in the data path; GRE: decapsulated
+traffic seen / none for ``GRE_IDLE_S`` seconds). Keys never appear in any of them.
+
+Status: every second the daemon writes ``/run/xtransit/<node name>/status.json`` (IKE and Child
+SAs without keys, native ESP counters per tunnel, AF_XDP worker counters), which is how
+separate commands see what only this process holds.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import stat
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import Config, ConfigError, SqliteState, load
+
+log = logging.getLogger("xtransit")
+
+GRE_IDLE_S = 30.0           # a GRE tunnel with no decapsulated packet for this long is "down"
+STATUS_INTERVAL_S = 1.0
+RUN_ROOT = Path("/run/xtransit")
+# Reasons bpf/esp_steer.h uses in the edge build (-DXT_FEATURE_ESP) that bpf/drop_reasons.h does
+# not define yet; given as -D flags only while they are missing there (see esp_cflags()).
+_ESP_REASONS = {"XT_R_ESP_KEEPALIVE": 21, "XT_R_ESP_IKE": 22, "XT_R_ESP_NO_WORKER": 23}
+
+
+# --- errors with exit statuses (pipeline/commands/run.py maps them) ------------------------------
+
+class RunError(RuntimeError):
+    exit_status = 1
+
+
+class InterfaceMissing(RunError):
+    exit_status = 3
+
+
+class KernelFeatureMissing(RunError):
+    exit_status = 4
+
+
+# --- structured logging ----------------------------------------------------------------------
+
+def event(name: str, msg: str = "", level: int = logging.INFO, **fields: Any) -> None:
+    """Log one notable event: ``event=<name>`` plus fields (never keys or PSKs)."""
+    log.log(level, msg or name.replace("_", " "), extra={"event": name, "fields": fields})
+
+
+def _value(v: Any) -> str:
+    s = str(v)
+    if s == "" or any(c in s for c in ' "=\n'):
+        return json.dumps(s)
+    return s
+
+
+class KeyValueFormatter(logging.Formatter):
+    """``ts=... level=info event=tunnel_up tunnel=site-a ... msg="..."``, one line per record."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        parts = [f"ts={self.formatTime(record, '%Y-%m-%dT%H:%M:%S')}.{int(record.msecs):03d}",
+                 f"level={record.levelname.lower()}"]
+        ev = getattr(record, "event", None)
+        if ev:
+            parts.append(f"event={ev}")
+            parts += [f"{k}={_value(v)}" for k, v in getattr(record, "fields", {}).items()]
+        else:
+            parts.append(f"logger={record.name}")
+        parts.append(f"msg={_value(record.getMessage())}")
+        if record.exc_info and log.isEnabledFor(logging.DEBUG):
+            parts.append(f"exc={_value(self.formatException(record.exc_info))}")
+        return " ".join(parts)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, event (when it is one), fields, logger, msg."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": f"{self.formatTime(record, '%Y-%m-%dT%H:%M:%S')}.{int(record.msecs):03d}",
+            "level": record.levelname.lower(), "logger": record.name}
+        ev = getattr(record, "event", None)
+        if ev:
+            out["event"] = ev
+            out.update({k: v for k, v in getattr(record, "fields", {}).items()
+                        if k not in out})
+        out["msg"] = record.getMessage()
+        return json.dumps(out, default=str)
+
+
+def setup_logging(fmt: str = "text", level: int = logging.INFO) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter() if fmt == "json" else KeyValueFormatter())
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    root.addHandler(handler)
+    root.setLevel(level)
+
+
+# --- adapters (see the report: what the owning modules could provide instead) ------------------
+
+def esp_cflags(header: Path | None = None) -> tuple[str, ...]:
+    """cflags for the edge program with ESP steering; missing reason numbers are supplied."""
+    from .xdp.dataplane import BPF_DIR
+    text = (header or BPF_DIR / "drop_reasons.h").read_text()
+    flags = ["-DXT_FEATURE_ESP"]
+    for name, number in _ESP_REASONS.items():
+        if f"#define {name} " not in text:
+            flags.append(f"-D{name}={number}")
+    return tuple(flags)
+
+
+def fleet_key_for(state: SqliteState):
+    """The key that seals SA keys in a SQLite store. ``[state]`` has no ``fleet_key_file`` for
+    SQLite, so it lives beside the database (``<db>.key``, mode 0600), created on first use."""
+    from .store.crypto import FleetKey
+    path = Path(f"{state.path}.key")
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            os.write(fd, secrets.token_hex(32).encode() + b"\n")
+        finally:
+            os.close(fd)
+    return FleetKey.from_file(path)
+
+
+class EventInstaller:
+    """``SaInstaller`` in front of the data path: logs SA and tunnel up/down events."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self._tunnel_of: dict[int, str] = {}
+        self._live: dict[str, set[int]] = {}       # tunnel -> inbound SPIs installed
+
+    @staticmethod
+    def _fields(sa) -> dict[str, Any]:
+        alg = sa.encr + (f"-{sa.encr_key_bits}" if sa.encr_key_bits else "")
+        if sa.integ:
+            alg += "/" + sa.integ
+        f = {"tunnel": sa.tunnel_name, "spi_in": f"0x{sa.spi_in:08x}",
+             "spi_out": f"0x{sa.spi_out:08x}", "algorithms": alg,
+             "local": sa.local_addr, "peer": sa.remote_addr}
+        if sa.udp_encap:
+            f["udp_encap"] = f"{sa.encap_local_port}->{sa.encap_remote_port}"
+        return f
+
+    def _up(self, sa) -> None:
+        spis = self._live.setdefault(sa.tunnel_name, set())
+        first = not spis
+        spis.add(sa.spi_in)
+        self._tunnel_of[sa.spi_in] = sa.tunnel_name
+        if first:
+            event("tunnel_up", kind="ipsec", tunnel=sa.tunnel_name, peer=sa.remote_addr)
+
+    def install(self, sa) -> None:
+        self.inner.install(sa)
+        event("sa_installed", **self._fields(sa))
+        self._up(sa)
+
+    def replace(self, old_spi_in: int, sa) -> None:
+        self.inner.replace(old_spi_in, sa)
+        event("sa_rekeyed", old_spi_in=f"0x{old_spi_in:08x}", **self._fields(sa))
+        self._up(sa)
+
+    def delete(self, spi_in: int) -> None:
+        self.inner.delete(spi_in)
+        tunnel = self._tunnel_of.pop(spi_in, None)
+        event("sa_deleted", spi_in=f"0x{spi_in:08x}", tunnel=tunnel or "-")
+        spis = self._live.get(tunnel) if tunnel else None
+        if spis is not None:
+            spis.discard(spi_in)
+            if not spis:
+                del self._live[tunnel]
+                event("tunnel_down", kind="ipsec", tunnel=tunnel)
+
+
+def _event_engine_class():
+    """The IKE engine with event lines for IKE and Child SAs (a subclass: the engine has no
+    observer hooks; each override calls the engine's own method first)."""
+    from .ike.engine import IkeEngine
+    from .ike.state import IkeState
+
+    class EventEngine(IkeEngine):
+        def established(self, sa) -> None:
+            super().established(sa)
+            event("ike_sa_up", tunnel=sa.tunnel.name if sa.tunnel else "-", ike_sa=sa.name,
+                  peer=f"{sa.remote[0]}:{sa.remote[1]}", algorithms=sa.sel.describe(),
+                  nat_t=bool(sa.nat_detected))
+
+        def destroy(self, sa, reason: str, uninstall: bool = True) -> None:
+            known = self.sas.get(sa.local_spi) is sa
+            was = sa.state
+            super().destroy(sa, reason, uninstall)
+            if known and was in (IkeState.ESTABLISHED, IkeState.DELETING, IkeState.REKEYED):
+                event("ike_sa_down", tunnel=sa.tunnel.name if sa.tunnel else "-",
+                      ike_sa=sa.name, reason=reason)
+
+        def add_child(self, sa, child) -> None:
+            super().add_child(sa, child)
+            event("child_sa_up", tunnel=sa.tunnel.name if sa.tunnel else "-", ike_sa=sa.name,
+                  spi_in=f"0x{child.spi_in:08x}", spi_out=f"0x{child.spi_out:08x}",
+                  algorithms=child.sel.describe(),
+                  ts_local=",".join(str(t) for t in child.ts_local),
+                  ts_remote=",".join(str(t) for t in child.ts_remote))
+
+        def replace_child(self, sa, old, new) -> None:
+            super().replace_child(sa, old, new)
+            event("child_sa_rekeyed", tunnel=sa.tunnel.name if sa.tunnel else "-",
+                  old_spi_in=f"0x{old.spi_in:08x}", spi_in=f"0x{new.spi_in:08x}",
+                  algorithms=new.sel.describe())
+
+        def remove_child(self, sa, spi_in: int) -> None:
+            had = spi_in in sa.children
+            super().remove_child(sa, spi_in)
+            if had:
+                event("child_sa_down", tunnel=sa.tunnel.name if sa.tunnel else "-",
+                      spi_in=f"0x{spi_in:08x}")
+
+    return EventEngine
+
+
+def _analytics(edge: Edge) -> Any:
+    """Start the analytics collector if pipeline.analytics provides one: a callable
+    ``pipeline.analytics.start(config, counters=...)`` returning an object with ``close()``.
+    None when the module is not there (the rest of the daemon does not depend on it)."""
+    import importlib.util
+    if importlib.util.find_spec("pipeline.analytics") is None:
+        return None
+    from pipeline import analytics
+    start = getattr(analytics, "start", None)
+    if start is None:
+        log.info("pipeline.analytics has no start(): analytics not started")
+        return None
+    return start(edge.config, dataplane=edge.dataplane, ipsec=edge.datapath)
+
+
+# --- the daemon ----------------------------------------------------------------------------
+
+def _check_interfaces(cfg: Config) -> None:
+    missing = []
+    for i, iface in enumerate(cfg.node.interfaces):
+        try:
+            socket.if_nametoindex(iface.name)
+        except OSError:
+            missing.append(f"{iface.name} (node.interfaces[{i}])")
+    if missing:
+        raise InterfaceMissing(f"{cfg.path}: no such interface in this network namespace: "
+                               f"{', '.join(missing)} (check `ip link`)")
+
+
+def _local_addresses() -> set[str]:
+    from pyroute2 import IPRoute
+    with IPRoute() as ipr:
+        return {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(family=socket.AF_INET)}
+
+
+@dataclass
+class _GreLiveness:
+    packets: int = 0
+    last_seen: float = 0.0
+    up: bool = False
+
+
+class Edge:
+    """The composition. ``start()`` raises RunError subclasses (exit statuses) or ConfigError."""
+
+    def __init__(self, config_path: str | Path) -> None:
+        self.config_path = str(config_path)
+        self.config: Config | None = None
+        self.dataplane = None
+        self.datapath = None
+        self.installer: EventInstaller | None = None
+        self.ipsec_edge = None
+        self.store = None
+        self.shared = None
+        self.sync = None
+        self.engine = None
+        self.ike = None
+        self.analytics = None
+        self._gre: dict[str, _GreLiveness] = {}
+        self._stop: asyncio.Event | None = None
+        self._reload_pending = False
+        self.status_path: Path | None = None
+
+    # --- start / stop ----------------------------------------------------------------------
+    def start(self) -> Edge:
+        cfg = load(self.config_path)           # ConfigError: exit status 2
+        self.config = cfg
+        if os.geteuid() != 0:
+            raise KernelFeatureMissing("xtransit run needs root (CAP_BPF, CAP_NET_ADMIN)")
+        _check_interfaces(cfg)
+        try:
+            self._start_dataplane(cfg)
+            if cfg.ipsec_tunnels:
+                self._start_ipsec(cfg)
+            self.analytics = _analytics(self)
+        except BaseException:
+            self.close()
+            raise
+        self.status_path = RUN_ROOT / cfg.node.name / "status.json"
+        event("started", node=cfg.node.name, node_id=cfg.node.id,
+              interfaces=",".join(f"{i.name}:{i.xdp_mode}" for i in cfg.node.interfaces),
+              endpoints=",".join(str(a) for a in cfg.node.tunnel_endpoints),
+              gre_tunnels=len(cfg.gre_tunnels), ipsec_tunnels=len(cfg.ipsec_tunnels),
+              routes=len(cfg.routes), analytics="on" if self.analytics else "off")
+        return self
+
+    def _start_dataplane(self, cfg: Config) -> None:
+        try:
+            from .xdp.dataplane import Dataplane, DataplaneError, LoadError
+        except ImportError as e:
+            raise KernelFeatureMissing(f"cannot load the XDP loader ({e}): bcc missing? "
+                                       "run `xtransit doctor`") from e
+        cflags = esp_cflags() if cfg.ipsec_tunnels else ()
+        try:
+            self.dataplane = Dataplane(cfg, cflags=cflags).start()
+        except LoadError as e:
+            raise KernelFeatureMissing(f"{e}\nthe kernel refused the XDP program: run "
+                                       "`xtransit doctor`") from e
+        except DataplaneError as e:
+            text = str(e)
+            if "no interface" in text:
+                raise InterfaceMissing(text) from e
+            raise KernelFeatureMissing(f"{text}\nrun `xtransit doctor` to see which kernel "
+                                       "feature is missing") from e
+        except ModuleNotFoundError as e:
+            raise KernelFeatureMissing(f"{e}: run `xtransit doctor`") from e
+        for t in cfg.gre_tunnels:
+            self._gre[t.name] = _GreLiveness()
+
+    def _start_ipsec(self, cfg: Config) -> None:
+        from .ike.server import IkeServer
+        from .ike.tunnels import from_config
+        from .ipsec import IpsecDataPath, IpsecEdge, RxDevice
+        from .store import open_store
+        from .store.schema import Layout, SharedState
+        from .sync import SaSync, StoreSaInstaller
+
+        local = _local_addresses()
+        for a in cfg.node.tunnel_endpoints:
+            if str(a) not in local:
+                log.warning("tunnel endpoint %s is not an address of this host: IKE to it "
+                            "will not arrive (add it, e.g. to lo)", a)
+        if isinstance(cfg.state, SqliteState):
+            fleet = fleet_key_for(cfg.state)
+            layout = Layout()
+        else:
+            fleet = cfg.state.fleet_key
+            layout = Layout(cfg.state.prefix)
+        self.store = open_store(cfg.state)
+        self.shared = SharedState(self.store, fleet, layout, node=cfg.node.id)
+        self.datapath = IpsecDataPath.from_config(cfg)
+        self.installer = EventInstaller(self.datapath)
+        devices = [RxDevice(i.name, (0,), i.xdp_mode) for i in cfg.node.interfaces]
+        try:
+            self.ipsec_edge = IpsecEdge(self.datapath, devices,
+                                        [str(a) for a in cfg.node.tunnel_endpoints],
+                                        edge_bpf=self.dataplane.program.bpf)
+        except OSError as e:
+            raise KernelFeatureMissing(f"AF_XDP worker: {e}: run `xtransit doctor`") from e
+        self.sync = SaSync(self.shared, self.installer).start()
+        self.engine = _event_engine_class()(from_config(cfg), StoreSaInstaller(self.shared,
+                                                                                self.sync))
+        self.ike = IkeServer(self.engine, [str(a) for a in cfg.node.tunnel_endpoints])
+
+    def close(self) -> None:
+        """Stop everything that started, in reverse order. Idempotent."""
+        if self.analytics is not None:
+            with contextlib.suppress(Exception):
+                self.analytics.close()
+            self.analytics = None
+        if self.sync is not None:
+            self.sync.stop()
+            self.sync = None
+        if self.ipsec_edge is not None:
+            self.ipsec_edge.close()
+            self.ipsec_edge = None
+        if self.datapath is not None:
+            self.datapath.close()
+            self.datapath = None
+        if self.store is not None:
+            with contextlib.suppress(Exception):
+                self.store.close()
+            self.store = None
+        if self.dataplane is not None:
+            self.dataplane.close()
+            self.dataplane = None
+        if self.status_path is not None:
+            with contextlib.suppress(OSError):
+                self.status_path.unlink()
+            with contextlib.suppress(OSError):
+                self.status_path.parent.rmdir()
+
+    # --- the loop --------------------------------------------------------------------------
+    async def serve(self) -> None:
+        """Run until SIGTERM or SIGINT; SIGHUP reloads. Closes the IKE sockets on the way out
+        (``close()`` does the rest)."""
+        loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self._request_reload)
+        if self.ike is not None:
+            await self.ike.start()
+        try:
+            while not self._stop.is_set():
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), STATUS_INTERVAL_S)
+                if self._reload_pending:
+                    self._reload_pending = False
+                    self.reload()
+                self._watch_gre(time.monotonic())
+                self._write_status()
+        finally:
+            if self.ike is not None:
+                await self.ike.close()
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+
+    def _request_reload(self) -> None:
+        self._reload_pending = True       # applied by the loop within STATUS_INTERVAL_S
+
+    def stop(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+
+    # --- reload ----------------------------------------------------------------------------
+    def reload(self) -> bool:
+        """Re-read the config; apply what can change by map updates. False if not applied."""
+        old = self.config
+        try:
+            new = load(self.config_path)
+        except ConfigError as e:
+            event("config_reload_failed", level=logging.ERROR, file=self.config_path,
+                  errors=len(e.errors), first=str(e.errors[0]))
+            return False
+        restart = []
+        if new.node.interfaces != old.node.interfaces:
+            restart.append("node.interfaces")
+        if new.node.tunnel_endpoints != old.node.tunnel_endpoints and self.ike is not None:
+            restart.append("node.tunnel_endpoints (IKE sockets)")
+        if bool(new.ipsec_tunnels) != bool(old.ipsec_tunnels):
+            restart.append("IPsec tunnels added to or all removed from a node")
+        if new.state != old.state or new.node.id != old.node.id:
+            restart.append("state / node.id")
+        try:
+            changed = self.dataplane.apply(new)
+        except Exception as e:  # noqa: BLE001 - a config the data plane refuses: keep the old
+            event("config_reload_failed", level=logging.ERROR, file=self.config_path,
+                  first=f"data plane: {e}")
+            return False
+        if self.datapath is not None and new.ipsec_tunnels:
+            from .ike.tunnels import from_config
+            from .ipsec import TunnelInfo
+            for t in new.ipsec_tunnels:
+                self.datapath.add_tunnel(t.id, TunnelInfo.from_config(t))
+            self.engine.directory = from_config(new)
+            gone = {t.name for t in old.ipsec_tunnels} - {t.name for t in new.ipsec_tunnels}
+            for sa in list(self.engine.sas.values()):
+                if sa.tunnel is not None and sa.tunnel.name in gone:
+                    self.engine.destroy(sa, "tunnel_removed")
+        self._gre = {t.name: self._gre.get(t.name, _GreLiveness()) for t in new.gre_tunnels}
+        self.config = new
+        event("config_reloaded", file=self.config_path,
+              changed=",".join(f"{k}:{v}" for k, v in changed.items() if v) or "none",
+              needs_restart=";".join(restart) or "none")
+        return True
+
+    # --- periodic work ---------------------------------------------------------------------
+    def _watch_gre(self, now: float) -> None:
+        if not self._gre or self.dataplane is None:
+            return
+        try:
+            counters = self.dataplane.counters()
+        except Exception:  # noqa: BLE001 - counters are best effort here
+            return
+        for t in self.config.gre_tunnels:
+            st = self._gre.get(t.name)
+            c = counters.tunnels.get(t.index)
+            if st is None or c is None:
+                continue
+            if c.decap_packets != st.packets:
+                st.packets, st.last_seen = c.decap_packets, now
+                if not st.up:
+                    st.up = True
+                    event("tunnel_up", kind="gre", tunnel=t.name,
+                          peer=str(t.customer_endpoint))
+            elif st.up and now - st.last_seen > GRE_IDLE_S:
+                st.up = False
+                event("tunnel_down", kind="gre", tunnel=t.name, peer=str(t.customer_endpoint),
+                      idle_s=int(now - st.last_seen))
+
+    def status(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"node": self.config.node.name, "pid": os.getpid(),
+                               "time": time.time(), "ike_sas": [], "ipsec": None}
+        if self.engine is not None:
+            from .ike.export import sa_rows
+            out["ike_sas"] = sa_rows(self.engine, time.monotonic())
+        if self.ipsec_edge is not None:
+            out["ipsec"] = self.ipsec_edge.stats()
+        out["gre"] = {n: {"up": s.up} for n, s in self._gre.items()}
+        return out
+
+    def _write_status(self) -> None:
+        if self.status_path is None:
+            return
+        try:
+            data = json.dumps(self.status(), default=str)
+            self.status_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.status_path.with_suffix(".tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, stat.S_IRUSR | stat.S_IWUSR)
+            with os.fdopen(fd, "w") as f:
+                f.write(data)
+            os.replace(tmp, self.status_path)
+        except Exception as e:  # noqa: BLE001 - status is informational; never stop the edge
+            log.debug("status file not written: %s", e)
+
+
+def run(config_path: str) -> int:
+    """Start, serve until a stop signal, close. Returns 0; start() errors propagate."""
+    edge = Edge(config_path)
+    # SIGTERM during start(): turn it into an exception so the with-blocks unwind and detach
+    def _early(signum, frame):
+        raise KeyboardInterrupt
+    prev = signal.signal(signal.SIGTERM, _early)
+    try:
+        edge.start()
+    finally:
+        signal.signal(signal.SIGTERM, prev)
+    try:
+        asyncio.run(edge.serve())
+    finally:
+        edge.close()
+        event("stopped", node=edge.config.node.name if edge.config else "-")
+    return 0
