@@ -478,6 +478,8 @@ def test_interop_matrix_esp_proposals_and_pfs_groups(topo):
             bad.append((esp, proc.returncode, got, proc.stderr[-400:]))
     uri = f"unix:///tmp/swan-peer/{cust.name}/charon.vici"
     for group, number in _DH.items():  # PFS on rekey with each group
+        if not FULL and group != "modp1536":
+            continue  # ecp384 and modp2048 PFS rekeys are covered by other tests in the suite
         proc = peer(cust, "--id-type", "fqdn", "--id", FQDN, "--esp", f"aes128gcm16-{group}")
         if proc.returncode != 0:
             bad.append((group, proc.stderr[-400:]))
