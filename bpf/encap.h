@@ -124,7 +124,9 @@ static __always_inline int xt_encap_v4(struct xdp_md *ctx, struct xt_pkt *p)
 	if (tot < iph->ihl * 4 || data + XT_ETH_HLEN + tot > data_end)
 		return xt_verdict(p, XDP_DROP, XT_R_INNER_MALFORMED);
 	frag = bpf_ntohs(iph->frag_off);
-	if (!(frag & XT_IP_OFFSET))
+	/* ports only for unfragmented packets: every fragment of a datagram must hash alike, or
+	 * they could leave through tunnels to different customer routers and never reassemble */
+	if (!(frag & (XT_IP_OFFSET | XT_IP_MF)))
 		ports = xt_l4_ports(c.pos, data_end, l4);
 	action = xt_encap_tunnel(ctx, p, r, xt_flow_hash4(iph->saddr, iph->daddr, l4, ports), &t);
 	if (action != XT_CONTINUE)

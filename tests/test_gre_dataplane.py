@@ -319,6 +319,20 @@ def test_equal_priorities_share_by_flow_hash(dp, prog, fwd_ns):
     assert set(seen.values()) == {2, 3}
 
 
+def test_fragments_of_one_datagram_take_one_tunnel(dp, prog, fwd_ns):
+    """Ports are left out of the hash for any fragment, so all pieces take the same tunnel."""
+    tunnels = set()
+    for flags, frag in (("MF", 0), ("MF", 100), (0, 200)):
+        inner = IP(src=OUTSIDE, dst="198.18.0.5", ttl=20, id=77, flags=flags, frag=frag,
+                   proto=17) / (b"u" * 40)
+        out = run(fwd_ns, prog, bytes(Ether(dst=INET_MAC, src=INET_PEER) / inner),
+                  ingress="inet0")
+        assert out.action is XdpAction.REDIRECT
+        tunnels.add(Ether(out.packet)[IP].dst)
+    assert tunnels == {{2: CUSTOMER, 3: CUSTOMER2}[pick((2, 3), flow_hash4(OUTSIDE, "198.18.0.5",
+                                                                           17))]}
+
+
 def test_too_big_with_df_answers_icmp_frag_needed(dp, prog, fwd_ns):
     inner = IP(src=OUTSIDE, dst=HOST, ttl=50, flags="DF", id=321) / UDP(sport=7, dport=9) / (
         b"z" * (1477 - 28))

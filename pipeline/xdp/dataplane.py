@@ -18,6 +18,7 @@ In generic mode it turns GRO on for the attached veths (the generic path needs i
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import ipaddress
@@ -264,6 +265,7 @@ class Dataplane:
         except BaseException:
             self.close()
             raise
+        atexit.register(self.close)   # a normal interpreter exit detaches too
         return self
 
     def __enter__(self) -> Self:
@@ -274,6 +276,7 @@ class Dataplane:
 
     def close(self) -> None:
         """Detach from every interface (and peer), remove the pins. Idempotent."""
+        atexit.unregister(self.close)
         with self._in_netns():
             for a in reversed(self._attached):
                 self._detach(a)
