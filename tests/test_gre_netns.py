@@ -242,7 +242,7 @@ def test_native_redirect_into_a_bare_veth_is_lost(lab, prog):
     with edge_ns.enter():
         dp.start()
     try:
-        frame, want = decap_frame_and_want()
+        frame, _ = decap_frame_and_want()
         c, i = lab.port(cust, "c0"), lab.port(inet, "i0")
         for _ in range(10):
             c.send(frame)
