@@ -8,6 +8,8 @@ pinned to CPU 1. Cases, per size (64 and 1400-byte inner IPv4/UDP packets):
   xdp_drop/esp/S          XDP_DROP of the ESP frames at d0: what reaching XDP costs (ceiling)
   xsk_fwd_veth/S          AF_XDP forward-only, no crypto: steer -> worker -> TX on the internal
                           veth -> bpf_fib_lookup + redirect -> d1 (the path's own ceiling)
+  xsk_fwd_veth_budget32/S the same with the kernel's default copy-mode TX budget (32 frames per
+                          sendto) instead of 256 (XDP_MAX_TX_SKB_BUDGET, Linux >= 6.17)
   xsk_fwd_direct/S        the same, but the worker transmits straight out of d1 to a fixed next
                           hop (the alternative design: next hops mirrored from netlink)
   decrypt_fwd/S           ESP (raw, protocol 50) pre-encrypted with GCM-128 by the independent
@@ -87,7 +89,7 @@ def child_sa(udp: bool) -> ChildSaParams:
 
 @contextlib.contextmanager
 def ipsec_plug(topo: rates.Topology, *, udp: bool = False, direct: bool = False,
-               no_crypto: bool = False):
+               no_crypto: bool = False, tx_budget: int = 256):
     """Plug: the IPsec data path on the DUT (steering on d0, one worker pinned to WORKER_CPU)."""
     queues = tuple(range(os.cpu_count() or 1))   # rates.Topology: one queue per CPU
     dp = ipsec.IpsecDataPath({"bench": ipsec.TunnelInfo("bench", TUNNEL)}, node_id=1)
@@ -98,7 +100,8 @@ def ipsec_plug(topo: rates.Topology, *, udp: bool = False, direct: bool = False,
             edge = ipsec.IpsecEdge(
                 dp, [ipsec.RxDevice(topo.dut_in, queues)], [EDGE_EP],
                 tx_direct=(topo.dut_out, rates.SINK_MAC) if direct else None,
-                bench_no_crypto=no_crypto, worker_cpu=WORKER_CPU, steering=steering)
+                bench_no_crypto=no_crypto, worker_cpu=WORKER_CPU, steering=steering,
+                tx_budget=tx_budget)
         dp.install(child_sa(udp))
         edge.route(CUSTOMER_PREFIX, TUNNEL)
         yield edge
@@ -123,6 +126,8 @@ def cases(sizes: Sequence[int]) -> tuple[list[rates.Case], list[tuple[str, str]]
             rates.drop_case(f"xdp_drop/esp/{s}", [esp]),
             rates.xdp_case(f"xsk_fwd_veth/{s}", [plain],
                            lambda t: ipsec_plug(t, no_crypto=True), out_len=14 + s),
+            rates.xdp_case(f"xsk_fwd_veth_budget32/{s}", [plain],
+                           lambda t: ipsec_plug(t, no_crypto=True, tx_budget=0), out_len=14 + s),
             rates.xdp_case(f"xsk_fwd_direct/{s}", [plain],
                            lambda t: ipsec_plug(t, no_crypto=True, direct=True), out_len=14 + s),
             rates.xdp_case(f"decrypt_fwd/{s}", [esp], lambda t: ipsec_plug(t), out_len=14 + s),
@@ -134,6 +139,7 @@ def cases(sizes: Sequence[int]) -> tuple[list[rates.Case], list[tuple[str, str]]
         ratios += [(f"decrypt_fwd/{s}", f"xsk_fwd_veth/{s}"),
                    (f"encrypt_fwd/{s}", f"xsk_fwd_veth/{s}"),
                    (f"xsk_fwd_direct/{s}", f"xsk_fwd_veth/{s}"),
+                   (f"xsk_fwd_veth/{s}", f"xsk_fwd_veth_budget32/{s}"),
                    (f"xsk_fwd_veth/{s}", f"xdp_drop/esp/{s}")]
     return out, ratios
 

@@ -22,6 +22,9 @@
  * deferred release has run: retry for up to a second */
 #define BUSY_RETRIES 100
 #define BUSY_WAIT_US 10000
+#ifndef XDP_MAX_TX_SKB_BUDGET
+#define XDP_MAX_TX_SKB_BUDGET 9 /* include/uapi/linux/if_xdp.h, Linux 6.17 */
+#endif
 #define NATT_VALID (1ULL << 63)
 
 struct rx_sock {
@@ -203,6 +206,14 @@ struct xt_xsk *xt_xsk_new(const struct xt_xsk_config *cfg, char *err, size_t err
             xt_xsk_free(x);
             return NULL;
         }
+    }
+    x->st.tx_budget = 32;
+    if (cfg->tx_budget) {
+        unsigned int budget = cfg->tx_budget > x->ring_size ? x->ring_size : cfg->tx_budget;
+        /* older kernels refuse the option: they keep 32 */
+        if (setsockopt(xsk_socket__fd(x->tx_xsk), SOL_XDP, XDP_MAX_TX_SKB_BUDGET, &budget,
+                       sizeof(budget)) == 0)
+            x->st.tx_budget = budget;
     }
     /* fill rings full before the sockets go into the XSKMAP: a packet steered before the loop
      * thread runs must not find an empty fill ring (the kernel would drop it) */

@@ -71,6 +71,8 @@ struct xt_xsk_config {
     uint32_t mode;              /* XT_XSK_MODE_* */
     uint32_t poll_ms;           /* idle poll timeout; 0 = 100 */
     uint32_t flags;             /* XT_XSK_F_* */
+    uint32_t tx_budget;         /* copy mode: frames the kernel sends per sendto() (Linux >= 6.17,
+                                   XDP_MAX_TX_SKB_BUDGET, 32..ring_size); 0 = the kernel's 32 */
     uintptr_t esp_worker;       /* struct xt_esp_worker * */
     uintptr_t esp_decrypt;      /* xt_esp_decrypt_batch */
     uintptr_t esp_encrypt;      /* xt_esp_encrypt_batch */
@@ -103,6 +105,7 @@ struct xt_xsk_stats {
     uint64_t k_rx_ring_full;    /*   RX ring full, fill ring empty (need more frames) */
     uint64_t k_fill_empty;
     uint64_t k_tx_invalid;      /* kernel: invalid TX descriptors */
+    uint32_t tx_budget;         /* the TX budget in effect (32 when the kernel has no knob) */
     uint32_t zerocopy;          /* 1 when the UMEM is bound in zero-copy mode */
     uint32_t running;           /* 1 while xt_xsk_run() is in its loop */
 };

@@ -578,7 +578,7 @@ class IpsecEdge:
                  *, xsk_mode: str = "auto", ring_size: int = 2048, batch: int = 64,
                  tx_direct: tuple[str, str] | None = None, bench_no_crypto: bool = False,
                  worker_cpu: int | None = None, steering: Steering | None = None,
-                 edge_bpf: Any = None, workers: int = 1) -> None:
+                 edge_bpf: Any = None, workers: int = 1, tx_budget: int = 256) -> None:
         from pyroute2 import IPRoute
 
         from pipeline import xsk as _xsk
@@ -621,7 +621,7 @@ class IpsecEdge:
                 xw = _xsk.XskWorker(w, [(d, q) for d, q, _ in mine], tx_dev, src, dst,
                                     mode=xsk_mode, ring_size=ring_size, batch=batch,
                                     bench_no_crypto=bench_no_crypto, tx_queue=i,
-                                    natt_table=self.natt)
+                                    natt_table=self.natt, tx_budget=tx_budget)
                 self.workers.append(xw)
                 for j, (_, _, key) in enumerate(mine):
                     xw.insert_into(self.steering.xsk_map_fd(), j, key)

@@ -78,6 +78,7 @@ class XskStats:
     k_rx_ring_full: int
     k_fill_empty: int
     k_tx_invalid: int
+    tx_budget: int
     zerocopy: bool
     running: bool
 
@@ -101,7 +102,8 @@ class XskWorker:
     ``tx_src_mac``/``tx_dst_mac`` form the Ethernet header of everything the worker sends
     (``tx_ifname``'s own MAC and its veth peer's). ``esp_worker`` must stay open while this
     worker exists. ``tx_queue``: the queue of ``tx_ifname`` to transmit on (one per worker);
-    ``natt_table``: a :class:`NattTable` shared with the other workers. ``bench_no_crypto``
+    ``natt_table``: a :class:`NattTable` shared with the other workers. ``tx_budget``: frames the
+    kernel sends per sendto() in copy mode (Linux >= 6.17; 0 keeps the kernel's 32). ``bench_no_crypto``
     (benchmarks only) forwards every frame unchanged: the
     ceiling of the AF_XDP path itself.
     """
@@ -110,7 +112,7 @@ class XskWorker:
                  tx_src_mac: str, tx_dst_mac: str, *, mode: str = MODE_AUTO,
                  ring_size: int = 2048, frame_size: int = 2048, batch: int = 64,
                  poll_ms: int = 50, bench_no_crypto: bool = False, tx_queue: int = 0,
-                 natt_table: NattTable | None = None) -> None:
+                 natt_table: NattTable | None = None, tx_budget: int = 256) -> None:
         if not 1 <= len(rx) <= lib.XT_XSK_MAX_RX:
             raise XskError(f"need 1..{lib.XT_XSK_MAX_RX} RX (device, queue) pairs, got {len(rx)}")
         if mode not in _MODES:
@@ -137,6 +139,7 @@ class XskWorker:
         cfg.poll_ms = poll_ms
         cfg.flags = lib.XT_XSK_F_NO_CRYPTO if bench_no_crypto else 0
         cfg.tx_queue = tx_queue
+        cfg.tx_budget = tx_budget
         self._natt_table = natt_table   # kept alive as long as this worker
         if natt_table is not None:
             cfg.natt_table = int(ffi.cast("uintptr_t", natt_table.ptr))
@@ -216,7 +219,7 @@ class XskWorker:
             natt_rewrites=s.natt_rewrites, frames_free=s.frames_free,
             frames_total=s.frames_total, k_rx_dropped=s.k_rx_dropped,
             k_rx_invalid=s.k_rx_invalid, k_rx_ring_full=s.k_rx_ring_full,
-            k_fill_empty=s.k_fill_empty, k_tx_invalid=s.k_tx_invalid, zerocopy=bool(s.zerocopy), running=bool(s.running))
+            k_fill_empty=s.k_fill_empty, k_tx_invalid=s.k_tx_invalid, tx_budget=s.tx_budget, zerocopy=bool(s.zerocopy), running=bool(s.running))
 
     def natt_peer(self, tunnel: int) -> tuple[str, int] | None:
         """(address, port) ESP-in-UDP for ``tunnel`` was last authenticated from, or None."""
