@@ -9,12 +9,18 @@ Pieces (each usable alone, the tests use them that way):
   one; the old inbound SA keeps accepting packets until ``delete(old_spi_in)`` (RFC 7296 2.8: the
   peer may still send under it until the old Child SA is deleted). Counters of deleted SAs are
   banked per tunnel, so tunnel totals never go backwards.
-* :func:`load_static_sas` reads SAs from a TOML file (operators debugging without IKE).
+* :func:`load_static_sas` reads SAs from a TOML file (operators debugging without IKE);
+  ``python -m pipeline.ipsec static FILE --dev ... --endpoint ... --route PREFIX=INDEX`` runs the
+  data path with them until SIGTERM.
 * :class:`Steering` compiles bpf/xdp_esp_test.c with bcc (local headers inlined, see
   :func:`bcc_source`), attaches the steering program to the outside devices and the forwarding
   program to the inner end of the internal veth pair, and fills the maps.
 * :class:`IpsecEdge` puts it together in the current network namespace: internal veth pair
-  ``xtesp0``/``xtesp1``, steering, one AF_XDP worker (pipeline/xsk.py) per RX (device, queue).
+  ``xtesp0``/``xtesp1``, steering, AF_XDP workers (pipeline/xsk.py; ``workers=N`` threads, the
+  RX (device, queue) pairs dealt out among them, one NAT-T peer table shared).
+* Counters: :meth:`IpsecDataPath.stats` (per tunnel and per SA: packets and bytes each way, drops
+  by reason, deleted SAs included; drops before an SA was found) and :meth:`IpsecEdge.stats`
+  (that, plus the steering counters and each worker's ring and NAT-T counters).
 
 Where processed packets go: the worker transmits them on ``xtesp0``; ``xtesp1``'s XDP program
 routes them with ``bpf_fib_lookup`` and redirects to the egress device (routing stays in the
