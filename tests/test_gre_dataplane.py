@@ -49,6 +49,7 @@ def fwd_ns():
         ns.add_route("198.51.100.0/24", gateway="10.1.0.2")
         ns.add_route("0.0.0.0/0", gateway="10.2.0.2")
         ns.add_route("::/0", gateway="fd00:2::2")
+        ns.add_route("100.65.0.0/16", gateway="10.2.0.3")   # no neighbour entry for 10.2.0.3
         yield ns
 
 
@@ -205,6 +206,19 @@ def test_malformed_options_untouched(dp, prog, fwd_ns, dataofs, opts):
     res = run(fwd_ns, prog, gre_in(inner))
     assert res.action is XdpAction.REDIRECT
     assert res.packet == forwarded(inner)     # only the TTL changed
+
+
+@pytest.mark.parametrize("dst,reason", [("100.65.0.1", "fib_no_neigh"),
+                                        ("10.2.0.1", "fib_pass")], ids=["no-neigh", "local"])
+def test_fib_miss_goes_to_kernel_decapsulated_ttl_untouched(dp, prog, fwd_ns, dst, reason):
+    """No neighbour yet (the kernel resolves it) or not forwarded here (a local address): the
+    decapsulated packet goes to the kernel, which forwards it and decrements the TTL itself."""
+    inner = syn([("MSS", 1460)], dst=dst)
+    res = run(fwd_ns, prog, gre_in(inner))
+    assert res.action is XdpAction.PASS
+    assert res.packet == forwarded(inner, mac_dst=CUST_MAC, mac_src=CUST_PEER, ttl_delta=0,
+                                   mss=1436)
+    assert dp.counters().tunnel_reasons == {1: {reason: 1}}
 
 
 def test_ttl_expiring_goes_to_kernel_decapsulated(dp, prog, fwd_ns):
