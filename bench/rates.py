@@ -348,7 +348,10 @@ class Bench:
                     for m in ms],
                 "offered_mpps_rounds": [round(m.offered_pps / 1e6, 3) for m in ms],
                 "lost_per_round": [m.offered - m.delivered for m in ms],
-                "dut_counters_last_round": {k: v for k, v in ms[-1].dut.items() if v},
+                # the round that lost most (where frames went missing), else the last one
+                "dut_counters_worst_round": {
+                    k: v for k, v in max(ms, key=lambda m: m.offered - m.delivered).dut.items()
+                    if v},
             }
         return {
             "cpus": self.cpus, "seconds": self.seconds, "count": self.count,
