@@ -1,0 +1,189 @@
+"""`xtransit run`: exit statuses, SIGHUP reload as map updates, SIGTERM leaves nothing attached.
+
+The daemon runs as a real process in a namespace (nsenter --net, so its pinned maps are in the
+host's BPF filesystem) with one veth pair to a second namespace.
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import queue
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.xdp import maps
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def config(node: str, ifname: str, prefix: str) -> str:
+    return f"""
+[node]
+id = 9
+name = "{node}"
+ipsec_domain = "example.net"
+tunnel_endpoints = ["192.0.2.1"]
+
+[[node.interfaces]]
+name = "{ifname}"
+role = "both"
+
+[tunnels.gre.site-a]
+id = "0123456789abcdef0123456789abcdef"
+index = 1
+customer_endpoint = "198.51.100.10"
+edge_endpoint = "192.0.2.1"
+interface_address = "10.200.0.0/31"
+
+[[routes]]
+prefix = "{prefix}"
+tunnel = "site-a"
+
+[analytics]
+http_port = 0
+"""
+
+
+def xtransit(*args: str, netns: str | None = None, **kw) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "pipeline.cli", *args]
+    if netns is not None:
+        cmd = ["nsenter", f"--net=/run/netns/{netns}", "--", *cmd]
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, **kw)
+
+
+def test_invalid_config_exits_2(tmp_path):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(config("n", "eth0", "10.1.0.0/24").replace('prefix = "10.1.0.0/24"',
+                                                                'prefix = "10.1.0.1/24"'))
+    p = xtransit("run", "--config", str(cfg))
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 2
+    assert f"{cfg}: routes[0].prefix: host bits set in '10.1.0.1/24'" in err
+    assert "1 error; nothing started" in err
+
+
+def test_missing_config_file_exits_2(tmp_path):
+    p = xtransit("run", "--config", str(tmp_path / "none.toml"))
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 2
+    assert "none.toml: file not found" in err
+
+
+@pytest.mark.netns
+def test_missing_interface_exits_3(lab, tmp_path):
+    ns = lab.namespace("run")
+    cfg = tmp_path / "edge.toml"
+    cfg.write_text(config(f"t-run-{os.getpid()}", "nosuch0", "10.1.0.0/24"))
+    p = xtransit("run", "--config", str(cfg), netns=ns.name)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 3
+    assert "no such interface in this network namespace: nosuch0 (node.interfaces[0])" in err
+
+
+class Log:
+    """The daemon's JSON log lines (stderr), read by a thread."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.lines: queue.Queue[dict] = queue.Queue()
+        self.seen: list[dict] = []
+        threading.Thread(target=self._read, args=(proc,), daemon=True).start()
+
+    def _read(self, proc: subprocess.Popen) -> None:
+        for line in proc.stderr:
+            try:
+                self.lines.put(json.loads(line))
+            except ValueError:
+                self.lines.put({"raw": line.rstrip()})
+
+    def wait(self, want: str, timeout: float) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                e = self.lines.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            self.seen.append(e)
+            if e.get("event") == want:
+                return e
+        raise AssertionError(f"no {want} event within {timeout} s; log: {self.seen}")
+
+
+def _routes4(node: str) -> set[str]:
+    fd = maps.open_pinned(maps.pin_dir(node) / "xt_routes4")
+    try:
+        out = set()
+        for k in maps.keys(fd, 8):
+            plen, addr = struct.unpack("=I4s", k)
+            out.add(f"{ipaddress.IPv4Address(addr)}/{plen}")
+        return out
+    finally:
+        os.close(fd)
+
+
+def _xdp(ns, ifname: str) -> dict | None:
+    link = json.loads(ns.run("ip", "-j", "-d", "link", "show", "dev", ifname).stdout)[0]
+    return link.get("xdp")
+
+
+@pytest.fixture
+def daemon(lab, tmp_path):
+    a, b = lab.namespace("run"), lab.namespace("peer")
+    lab.veth(a, "e0", b, "p0", "10.99.0.1/24", "10.99.0.2/24")
+    node = f"t-run-{os.getpid()}-{a.name.rsplit('-', 1)[1]}"
+    cfg = tmp_path / "edge.toml"
+    cfg.write_text(config(node, "e0", "10.1.0.0/24"))
+    proc = xtransit("run", "--config", str(cfg), "--log-format", "json", netns=a.name)
+    try:
+        yield proc, Log(proc), cfg, node, a, b
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+@pytest.mark.netns
+def test_sighup_applies_changed_route(daemon):
+    proc, seen, cfg, node, a, _ = daemon
+    started = seen.wait("started", 90)
+    assert started["interfaces"] == "e0:native"
+    assert _routes4(node) == {"10.1.0.0/24"}
+    cfg.write_text(config(node, "e0", "10.2.0.0/24"))
+    proc.send_signal(signal.SIGHUP)
+    ev = seen.wait("config_reloaded", 30)
+    assert ev["changed"] == "routes4:2"            # one prefix added, one removed
+    assert ev["needs_restart"] == "none"
+    assert _routes4(node) == {"10.2.0.0/24"}
+    assert _xdp(a, "e0")["mode"] == 1              # still attached (native), never detached
+    # an invalid config on SIGHUP is reported and the running one stays
+    cfg.write_text("[node]\nid = -1\n")
+    proc.send_signal(signal.SIGHUP)
+    bad = seen.wait("config_reload_failed", 30)
+    assert bad["level"] == "error"
+    assert _routes4(node) == {"10.2.0.0/24"}
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+
+
+@pytest.mark.netns
+def test_sigterm_leaves_nothing_attached(daemon):
+    proc, seen, cfg, node, a, b = daemon
+    seen.wait("started", 90)
+    assert _xdp(a, "e0") is not None
+    assert _xdp(b, "p0") is not None               # the veth peer's pass program
+    assert maps.pin_dir(node).exists()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+    seen.wait("stopped", 5)
+    assert _xdp(a, "e0") is None
+    assert _xdp(b, "p0") is None
+    assert not maps.pin_dir(node).exists()
+    assert "xdp" not in a.run("ip", "-d", "link", "show").stdout
