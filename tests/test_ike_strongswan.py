@@ -604,3 +604,24 @@ def test_keys_after_pfs_rekey_and_ike_rekey_carry_esp(topo):
     assert last != first and last in seen["spis"] and seen["bad"] == 0
     (ike_sa,) = e.call(lambda: e.engine.established_sas())
     assert ike_sa.children[last].sel.dh == 20
+
+
+def test_fragmented_ike_auth_both_ways(topo):
+    """100 extra traffic selectors make strongSwan's IKE_AUTH larger than its 1280-byte fragment
+    size: it arrives in RFC 7383 fragments and we reassemble it. We narrow the selectors to the
+    tunnel's one network (strongSwan could not install 101 policies here) and, with a small
+    fragment size, our answer goes back in fragments that strongSwan reassembles."""
+    from dataclasses import replace
+
+    _, cust, start = topo
+    e = start([replace(TUNNEL, remote_ts=("10.10.1.0/24",))], EngineConfig(fragment_size=200))
+    many = ",".join(["10.10.1.0/24"] + [f"10.20.{n}.0/24" for n in range(100)])
+    proc = peer(cust, "--id-type", "fqdn", "--id", FQDN, "--local-ts", many)
+    assert proc.returncode == 0, proc.stderr
+    (sa,) = e.installer.sas.values()
+    assert [str(t) for t in sa.ts_remote] == ["10.10.1.0/24"]
+    assert e.engine.stats["fragments_reassembled"] == 1
+    assert e.engine.stats["fragmented_messages"] == 1
+    log_text = Path(f"/tmp/swan-peer/{cust.name}/charon.log").read_text()
+    assert "splitting IKE message" in log_text  # strongSwan fragmented its request
+    assert "reassembled fragmented IKE message" in log_text  # and reassembled our answer
