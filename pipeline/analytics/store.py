@@ -5,9 +5,10 @@ Every point holds what was counted during its interval (packets, bytes, drops), 
 rate is the count divided by the resolution, and sums over any span stay exact. Coarse points
 are rolled up from the fine ones once their interval is complete, so the two resolutions agree.
 
-Bounded disk use: the file is created with ``auto_vacuum = INCREMENTAL``; after the retention
-windows are applied, while the file is above ``max_bytes`` the oldest tenth of the fine points
-(then the coarse points, then the samples) is deleted and the freed pages are given back.
+Bounded disk use (database, write-ahead log and its index together): the file is created with
+``auto_vacuum = INCREMENTAL``; after the retention windows are applied, while the files are
+above ``max_bytes`` (less room for the log to grow) the oldest tenth of the fine points (then
+the coarse points, then the samples) is deleted and the freed pages are given back.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from pathlib import Path
 from .collector import EGRESS, INGRESS, NODE, Tick
 
 FINE = 1
+WAL_PAGES = 16
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS traffic (
     res INTEGER NOT NULL, ts INTEGER NOT NULL, tunnel TEXT NOT NULL, direction TEXT NOT NULL,
@@ -93,6 +95,13 @@ class History:
             else:
                 self.db = sqlite3.connect(self.path, timeout=10, check_same_thread=False)
                 self.db.execute("PRAGMA auto_vacuum = INCREMENTAL")  # before the first table
+                # WAL with synchronous=NORMAL: a commit a second without an fsync each; the
+                # write-ahead log is checkpointed every WAL_PAGES pages and cut back to that size
+                self.db.execute("PRAGMA journal_mode = WAL")
+                self.db.execute("PRAGMA synchronous = NORMAL")
+                self.db.execute(f"PRAGMA wal_autocheckpoint = {WAL_PAGES}")
+                self.page_size = self.db.execute("PRAGMA page_size").fetchone()[0]
+                self.db.execute(f"PRAGMA journal_size_limit = {WAL_PAGES * self.page_size}")
                 self.db.executescript(_SCHEMA)
         except sqlite3.Error as e:
             raise StoreError(f"analytics history {self.path}: {e}") from None
@@ -174,19 +183,25 @@ class History:
         self.db.execute("DELETE FROM samples WHERE minute < ?", (now - self.coarse_retention,))
 
     def size(self) -> int:
-        """Bytes the file occupies (pages in use and free pages not yet given back)."""
+        """Bytes on disk: the database's pages (in use and free ones not yet given back), the
+        write-ahead log and its index."""
         pages = self.db.execute("PRAGMA page_count").fetchone()[0]
-        return pages * self.db.execute("PRAGMA page_size").fetchone()[0]
+        logs = sum(p.stat().st_size for p in (Path(f"{self.path}-wal"), Path(f"{self.path}-shm"))
+                   if p.exists())
+        return pages * self.db.execute("PRAGMA page_size").fetchone()[0] + logs
 
     def enforce_bound(self) -> int:
-        """Delete the oldest points until the file is below 90% of ``max_bytes`` (so the next
-        ticks have room below the bound). Returns how many deletion rounds it took."""
+        """Delete the oldest points until database and log are below 80% of ``max_bytes`` (the
+        next ticks need room below the bound: the log grows by up to WAL_PAGES pages before a
+        checkpoint). Returns how many deletion rounds it took."""
         rounds = 0
         with self.lock:
-            while self.size() > self.max_bytes * 0.9:
-                if not self._delete_oldest():
-                    break
+            limit = self.max_bytes - 2 * WAL_PAGES * 4096
+            if self.size() <= limit:
+                return 0
+            while self.size() > limit * 0.8 and self._delete_oldest():
                 self.db.execute("PRAGMA incremental_vacuum").fetchall()  # one page per row
+                self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
                 rounds += 1
         return rounds
 
