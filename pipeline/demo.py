@@ -199,13 +199,12 @@ class Daemon:
 
     def start(self) -> None:
         self.log.parent.mkdir(parents=True, exist_ok=True)
-        out = open(self.log, "w")
-        self.proc = subprocess.Popen(
-            ["nsenter", f"--net=/run/netns/{self.ns.name}", "--", PY, "-m", "pipeline.cli",
-             "run", "--config", str(self.config), "--log-format", "json"],
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO,
-            start_new_session=True)
-        out.close()
+        with open(self.log, "w") as out:
+            self.proc = subprocess.Popen(
+                ["nsenter", f"--net=/run/netns/{self.ns.name}", "--", PY, "-m", "pipeline.cli",
+                 "run", "--config", str(self.config), "--log-format", "json"],
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO,
+                start_new_session=True)
 
     def poll_events(self) -> list[dict]:
         new = []
@@ -327,8 +326,8 @@ class Demo:
         (self.out / "gre-cpe.toml").write_text(cpe_config(self.cpe_node))
         for name in ("edge.toml", "gre-cpe.toml"):
             proc = subprocess.run([PY, "-m", "pipeline.cli", "config", "check",
-                                   str(self.out / name)], capture_output=True, text=True,
-                                  cwd=REPO)
+                                   str(self.out / name)], check=False, capture_output=True,
+                                  text=True, cwd=REPO)
             if proc.returncode != 0:
                 raise DemoError(f"generated {name} is invalid:\n{proc.stderr}")
             say(f"  {self.out.relative_to(REPO)}/{name}: valid")
@@ -358,7 +357,7 @@ class Demo:
                "--remote-ts", INET_PREFIX, "--inner", "none", "--natt", "auto"]
         env = dict(os.environ, STATE_ROOT=str(self.out / "strongswan"))
         self.peer_up = True      # from here on, teardown runs `peer.sh down`
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=90)
+        proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=90)
         for line in proc.stderr.splitlines():
             if "established" in line or "selected proposal" in line:
                 say(f"  [strongswan] {line.removeprefix('peer.sh: ').strip()}")
@@ -443,7 +442,6 @@ class Demo:
                 res = gen.send(count)
             say(f"  {res.packets} UDP frames of {len(frame)} bytes to {dst} ({label}) in "
                 f"{res.seconds * 1000:.0f} ms")
-        time.sleep(1.5)
         after = self.counters()
         for t in ("site-gre", "site-ipsec"):
             d = after[t]["encap_packets"] - before[t]["encap_packets"]
@@ -452,27 +450,46 @@ class Demo:
 
     # counters --------------------------------------------------------------------------
     def counters(self) -> dict[str, dict[str, int]]:
-        """Per-tunnel counters from the edge's pinned maps (what `xtransit stats` reads)."""
+        """Per-tunnel packets at the edge: GRE from the pinned XDP maps (what `xtransit stats`
+        reads), IPsec from the native ESP counters in the daemon's status file (decap =
+        decrypted, encap = encrypted)."""
         from pipeline.config import load
         from pipeline.xdp import maps
         cfg = load(self.out / "edge.toml")
-        c = maps.read_pinned(cfg.node.name, [t.index for t in cfg.tunnels])
-        return {t.name: vars(c.tunnels.get(t.index, maps.TunnelCounters())) for t in cfg.tunnels}
+        c = maps.read_pinned(cfg.node.name, [t.index for t in cfg.gre_tunnels])
+        out = {t.name: vars(c.tunnels.get(t.index, maps.TunnelCounters()))
+               for t in cfg.gre_tunnels}
+        for t in cfg.ipsec_tunnels:
+            esp = self.status().get("ipsec", {}).get("tunnels", {}).get(t.name)
+            out[t.name] = {"decap_packets": esp["in"]["packets"] if esp else 0,
+                           "decap_bytes": esp["in"]["bytes"] if esp else 0,
+                           "encap_packets": esp["out"]["packets"] if esp else 0,
+                           "encap_bytes": esp["out"]["bytes"] if esp else 0}
+        return out
+
+    def status(self, fresh: bool = True) -> dict:
+        """The edge daemon's status file (rewritten every second)."""
+        path = Path(f"/run/xtransit/{self.edge_node}/status.json")
+        if fresh:
+            time.sleep(1.2)
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            return {}
 
     def stats(self) -> None:
         step("Per-tunnel counters: `xtransit stats demo-output/edge.toml` (XDP maps)")
         for cfg, who in (("edge.toml", "edge"), ("gre-cpe.toml", "GRE customer router")):
             proc = subprocess.run([PY, "-m", "pipeline.cli", "stats", str(self.out / cfg)],
-                                  capture_output=True, text=True, cwd=REPO)
+                                  check=False, capture_output=True, text=True, cwd=REPO)
             say(f"  -- {who}")
             for line in (proc.stdout or proc.stderr).splitlines():
                 say(f"  {line}")
-        status = Path(f"/run/xtransit/{self.edge_node}/status.json")
-        step(f"IPsec data path and SAs (edge status file {status})")
-        try:
-            st = json.loads(status.read_text())
-        except (OSError, ValueError) as e:
-            say(f"  no status: {e}")
+        step(f"IPsec data path and SAs (edge status file /run/xtransit/{self.edge_node}/"
+             "status.json)")
+        st = self.status()
+        if not st:
+            say("  no status file")
             return
         for sa in st.get("ike_sas", []):
             say(f"  IKE SA {sa['ike_spi_i']}/{sa['ike_spi_r']} {sa['state']} tunnel "
@@ -490,8 +507,12 @@ class Demo:
                 f"out {tun['out']['drops'] or '-'}")
         c = self.counters()
         self.results["counters"] = c
+        say("  edge, per tunnel (customer -> Internet = decap/decrypt, Internet -> customer ="
+            " encap/encrypt):")
         for name, v in c.items():
-            say(f"  {name}: decap {v['decap_packets']} pkts / encap {v['encap_packets']} pkts")
+            say(f"    {name:<11} customer->Internet {v['decap_packets']:>7} pkts "
+                f"{v['decap_bytes']:>11} B   Internet->customer {v['encap_packets']:>7} pkts "
+                f"{v['encap_bytes']:>11} B")
 
     def analytics(self) -> None:
         """PNG plot through `xtransit analytics` once pipeline/analytics has landed."""
@@ -504,7 +525,8 @@ class Demo:
             png = self.out / f"{t}.png"
             proc = subprocess.run([PY, "-m", "pipeline.cli", "analytics", "--config",
                                    str(self.out / "edge.toml"), "--tunnel", t, "--since", "10m",
-                                   "--plot", str(png)], capture_output=True, text=True, cwd=REPO)
+                                   "--plot", str(png)], check=False, capture_output=True, text=True,
+                                  cwd=REPO)
             say(f"  {png.relative_to(REPO)}: " + ("written" if proc.returncode == 0 and
                                                     png.exists() else
                                                     f"not written: {proc.stderr.strip()[-200:]}"))
@@ -570,6 +592,7 @@ class Demo:
             ok = all(v not in (False, None, 0) for k, v in self.results.items()
                      if not k.startswith("counters"))
             say()
+            say("DEMO SUMMARY " + json.dumps(self.results, default=str))
             say("DEMO RESULT: " + ("OK" if ok else "SOME CHECKS FAILED ") +
                 ("" if ok else str({k: v for k, v in self.results.items()
                                     if v in (False, None, 0)})))

@@ -1,0 +1,85 @@
+"""`make demo` run non-interactively (`python -m pipeline.demo --ci`), its output checked.
+
+Real everything: namespaces, two `xtransit run` daemons (edge and GRE customer router), the
+strongSwan peer, ping, iperf3 and the live-frames generator. About 25 s.
+"""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+pytestmark = [pytest.mark.netns, pytest.mark.peer]
+
+
+@pytest.fixture(scope="module")
+def demo():
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.demo", "--ci"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out, _ = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        proc.terminate()          # the demo tears down on SIGTERM
+        out, _ = proc.communicate(timeout=60)
+        pytest.fail(f"demo did not finish in 240 s:\n{out[-3000:]}")
+    m = re.search(r"^DEMO SUMMARY (.*)$", out, re.MULTILINE)
+    assert m, f"no summary line in the demo output:\n{out[-3000:]}"
+    return proc.pid, out, json.loads(m.group(1))
+
+
+def test_tunnels_come_up(demo):
+    _, out, _ = demo
+    assert re.search(r"\[edge\] started .* interfaces=inet0:native,cust0:native "
+                     r"endpoints=192\.0\.2\.1 gre_tunnels=1 ipsec_tunnels=1 routes=2", out)
+    assert re.search(r"\[gre-cpe\] started .* endpoints=203\.0\.113\.2 gre_tunnels=1 "
+                     r"ipsec_tunnels=0 routes=1", out)
+    assert re.search(r"\[edge\] ike_sa_up +tunnel=site-ipsec .* peer=203\.0\.113\.6:4500 "
+                     r"algorithms=AES_GCM_16-256/PRF_HMAC_SHA2_256/ECP_384 nat_t=True", out)
+    assert re.search(r"\[edge\] child_sa_up +tunnel=site-ipsec .* algorithms=AES_GCM_16-256 "
+                     r"ts_local=198\.51\.100\.0-198\.51\.100\.255", out)
+    assert re.search(r"\[edge\] sa_installed +tunnel=site-ipsec .* algorithms=aes-gcm-16-256 "
+                     r"local=192\.0\.2\.1 peer=203\.0\.113\.6 udp_encap=4500->4500", out)
+    assert re.search(r"\[edge\] tunnel_up +kind=ipsec tunnel=site-ipsec", out)
+    assert re.search(r"\[edge\] tunnel_up +kind=gre tunnel=site-gre peer=203\.0\.113\.2", out)
+    assert re.search(r"\[gre-cpe\] tunnel_up +kind=gre tunnel=to-edge peer=192\.0\.2\.1", out)
+
+
+def test_traffic_both_ways_through_both_tunnels(demo):
+    _, _, r = demo
+    for label in ("Internet -> GRE site 10.20.0.2", "GRE site -> Internet 198.51.100.2",
+                  "Internet -> IPsec site 10.10.1.2", "IPsec site -> Internet 198.51.100.2"):
+        assert r[f"ping {label}"] is True, label
+    assert r["iperf3 GRE 10.20.0.2"] is True
+    # the SYN as the servers saw it: 1460 from the Internet host, clamped by the edge
+    assert r["mss GRE 10.20.0.2"] == 1432
+    assert r["mss IPsec 10.10.1.2"] == 1360
+    # 2000 generator frames per tunnel, counted at the edge (other traffic may add a few)
+    assert r["burst site-gre"] >= 2000
+    assert r["burst site-ipsec"] >= 2000
+    c = r["counters"]
+    for tunnel in ("site-gre", "site-ipsec"):
+        assert c[tunnel]["decap_packets"] > 0, tunnel        # customer -> Internet
+        assert c[tunnel]["encap_packets"] >= 2000, tunnel    # Internet -> customer
+    assert r["esp in"] > 0 and r["esp out"] >= 2000
+
+
+def test_clean_teardown(demo):
+    pid, out, _ = demo
+    assert "xtransit run (edge) exited with status 0" in out
+    assert "xtransit run (gre-cpe) exited with status 0" in out
+    assert "namespaces removed: 7 of 7" in out
+    assert re.search(r"\[edge\] ike_sa_down +tunnel=site-ipsec .* reason=deleted_by_peer", out)
+    left = [n for n in Path("/run/netns").iterdir() if f"-{pid}-" in n.name] \
+        if Path("/run/netns").exists() else []
+    assert left == []
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True)
+    assert [a for a in ps.stdout.splitlines() if "demo-output/" in a and " run " in a] == []
+    assert not Path(f"/sys/fs/bpf/xtransit/demo-edge-{pid}").exists()
+    assert not Path(f"/sys/fs/bpf/xtransit/demo-grecpe-{pid}").exists()
+    assert not Path(f"/run/xtransit/demo-edge-{pid}").exists()
