@@ -137,7 +137,9 @@ backend = "sqlite"
 path = "state/edge.db"
 
 [analytics]
-http_port = 0
+http_address = "127.0.0.1"      # inside the edge's namespace
+http_port = 9469
+history_file = "state/edge-analytics.db"
 """
 
 
@@ -180,6 +182,7 @@ path = "state/gre-cpe.db"
 
 [analytics]
 http_port = 0
+history_file = "state/gre-cpe-analytics.db"
 """
 
 
@@ -515,21 +518,32 @@ class Demo:
                 f"{v['encap_bytes']:>11} B")
 
     def analytics(self) -> None:
-        """PNG plot through `xtransit analytics` once pipeline/analytics has landed."""
+        """Prometheus from the edge and PNG plots of the history (pipeline/analytics)."""
         import importlib.util
         if importlib.util.find_spec("pipeline.commands.analytics") is None:
-            say("  (analytics not installed in this tree: no plot)")
+            say("  (analytics not in this tree: no plot)")
             return
-        step("Analytics plot")
+        step("Analytics: Prometheus metrics and PNG plots of each tunnel's history")
+        proc = self.ns["edge"].run("curl", "-s", "--max-time", "3",
+                                   "http://127.0.0.1:9469/metrics", check=False)
+        lines = [ln for ln in proc.stdout.splitlines()
+                 if ln.startswith("xtransit_tunnel_packets_total")]
+        self.results["prometheus"] = len(lines)
+        say("  curl http://127.0.0.1:9469/metrics (in the edge namespace):")
+        for ln in lines:
+            say(f"    {ln}")
+        time.sleep(1.0)                       # the last second into the history
         for t in ("site-gre", "site-ipsec"):
             png = self.out / f"{t}.png"
             proc = subprocess.run([PY, "-m", "pipeline.cli", "analytics", "--config",
-                                   str(self.out / "edge.toml"), "--tunnel", t, "--since", "10m",
-                                   "--plot", str(png)], check=False, capture_output=True, text=True,
-                                  cwd=REPO)
-            say(f"  {png.relative_to(REPO)}: " + ("written" if proc.returncode == 0 and
-                                                    png.exists() else
-                                                    f"not written: {proc.stderr.strip()[-200:]}"))
+                                   str(self.out / "edge.toml"), "--tunnel", t, "--since", "90s",
+                                   "--resolution", "fine", "--plot", str(png)], check=False,
+                                  capture_output=True, text=True, cwd=REPO)
+            ok = proc.returncode == 0 and png.exists() and png.stat().st_size > 0
+            self.results[f"plot {t}"] = ok
+            say(f"  {png.relative_to(REPO)}: " + (f"written ({png.stat().st_size} bytes)" if ok
+                                                  else f"not written: "
+                                                       f"{proc.stderr.strip()[-300:]}"))
 
     def look_around(self) -> None:
         step("Look around (while the demo waits)")
@@ -539,6 +553,8 @@ class Demo:
         say(f"  .venv/bin/xtransit stats {o}/gre-cpe.toml")
         say(f"  cat /run/xtransit/{self.edge_node}/status.json   # IKE/Child SAs, ESP counters")
         say(f"  tail -f {o}/edge.log                           # one JSON line per event")
+        say(f"  .venv/bin/xtransit analytics -c {o}/edge.toml --tunnel site-gre --since 10m")
+        say(f"  ip netns exec {n['edge'].name} curl -s http://127.0.0.1:9469/metrics")
         say(f"  ip netns exec {n['inet'].name} ping {GRE_SRV}")
         say(f"  ip netns exec {n['inet'].name} ping {IPS_SRV}")
         say(f"  ip -n {n['edge'].name} -d link show inet0     # the XDP program")

@@ -256,19 +256,57 @@ def _event_engine_class():
     return EventEngine
 
 
-def _analytics(edge: Edge) -> Any:
-    """Start the analytics collector if pipeline.analytics provides one: a callable
-    ``pipeline.analytics.start(config, counters=...)`` returning an object with ``close()``.
-    None when the module is not there (the rest of the daemon does not depend on it)."""
+class AnalyticsRun:
+    """The analytics collector of pipeline/analytics, fed by this process's own map fds and
+    the native ESP counters: 1-second history into ``[analytics].history_file``, Prometheus
+    on ``http_address:http_port`` (0: off). Packet sampling needs the edge program built with
+    -DXT_FEATURE_SAMPLE, which bpf/xdp_edge.c does not include yet: not started."""
+
+    def __init__(self, edge: Edge) -> None:
+        from .analytics.collector import Collector, EspSource, XdpSource
+        from .analytics.exporter import Exporter
+        from .analytics.store import History
+        cfg = edge.config
+        self.history = History.for_config(cfg)
+        self.xdp = XdpSource({t.index: t.name for t in cfg.tunnels},
+                             fds=edge.dataplane.program.map_fds(),
+                             generation=id(edge.dataplane.program))
+        sources: list[Any] = [self.xdp]
+        if edge.datapath is not None:
+            sources.append(EspSource(edge.datapath.stats))
+        self.collector = Collector(sources, sinks=[self.history])
+        self.exporter = None
+        try:
+            self.collector.start()
+            a = cfg.analytics
+            if a.http_port:
+                self.exporter = Exporter(self.collector, str(a.http_address), a.http_port)
+        except BaseException:
+            self.close()
+            raise
+        self.describe = (f"history {self.history.path}, " +
+                         (f"http://{cfg.analytics.http_address}:{self.exporter.port}/metrics"
+                          if self.exporter else "http off"))
+
+    def update(self, cfg: Config) -> None:
+        """New tunnel names for the counters (a reload)."""
+        self.xdp.tunnels = {t.index: t.name for t in cfg.tunnels}
+        with contextlib.suppress(AttributeError):
+            self.history.tunnel_names = {t.index: t.name for t in cfg.tunnels}
+
+    def close(self) -> None:
+        self.collector.close()
+        if self.exporter is not None:
+            self.exporter.close()
+        self.history.close()
+
+
+def _analytics(edge: Edge) -> AnalyticsRun | None:
+    """The analytics hook: None when pipeline/analytics is not in this tree."""
     import importlib.util
-    if importlib.util.find_spec("pipeline.analytics") is None:
+    if importlib.util.find_spec("pipeline.analytics.collector") is None:
         return None
-    from pipeline import analytics
-    start = getattr(analytics, "start", None)
-    if start is None:
-        log.info("pipeline.analytics has no start(): analytics not started")
-        return None
-    return start(edge.config, dataplane=edge.dataplane, ipsec=edge.datapath)
+    return AnalyticsRun(edge)
 
 
 # --- the daemon ----------------------------------------------------------------------------
@@ -339,7 +377,8 @@ class Edge:
               interfaces=",".join(f"{i.name}:{i.xdp_mode}" for i in cfg.node.interfaces),
               endpoints=",".join(str(a) for a in cfg.node.tunnel_endpoints),
               gre_tunnels=len(cfg.gre_tunnels), ipsec_tunnels=len(cfg.ipsec_tunnels),
-              routes=len(cfg.routes), analytics="on" if self.analytics else "off")
+              routes=len(cfg.routes),
+              analytics=self.analytics.describe if self.analytics else "off")
         return self
 
     def _start_dataplane(self, cfg: Config) -> None:
@@ -497,6 +536,8 @@ class Edge:
                 if sa.tunnel is not None and sa.tunnel.name in gone:
                     self.engine.destroy(sa, "tunnel_removed")
         self._gre = {t.name: self._gre.get(t.name, _GreLiveness()) for t in new.gre_tunnels}
+        if self.analytics is not None:
+            self.analytics.update(new)
         self.config = new
         event("config_reloaded", file=self.config_path,
               changed=",".join(f"{k}:{v}" for k, v in changed.items() if v) or "none",

@@ -69,6 +69,17 @@ def test_traffic_both_ways_through_both_tunnels(demo):
     assert r["esp in"] > 0 and r["esp out"] >= 2000
 
 
+def test_analytics_from_the_running_edge(demo):
+    _, out, r = demo
+    assert r["prometheus"] == 4          # packets_total for 2 tunnels x 2 directions
+    assert re.search(r'xtransit_tunnel_packets_total\{direction="ingress",tunnel="site-gre"\} '
+                     r"\d+", out)
+    assert r["plot site-gre"] is True and r["plot site-ipsec"] is True
+    for t in ("site-gre", "site-ipsec"):
+        png = REPO / "demo-output" / f"{t}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_clean_teardown(demo):
     pid, out, _ = demo
     assert "xtransit run (edge) exited with status 0" in out
