@@ -3,8 +3,8 @@
  * At the single exit the dispatcher calls xt_sample(ctx, p, action): the frame's first
  * XT_SAMPLE_BYTES bytes, as the program leaves it, go to user space through a BPF ring buffer
  * (xt_samples) when
- *   - it is the N-th frame this CPU has seen since the last periodic sample (N = rate in
- *     xt_sample_cfg; 0 turns periodic samples off), or
+ *   - it is the N-th frame this CPU has seen since the last periodic sample (N = rate;
+ *     0 turns periodic samples off), or
  *   - the verdict is XDP_DROP / XDP_ABORTED and this CPU has sent fewer than drop_limit drop
  *     samples in the current one-second window (0 turns drop samples off).
  * The frame is the one the program leaves: after decapsulation the inner packet, after
@@ -15,9 +15,13 @@
  *   -DXT_FEATURE_SAMPLE   the maps and the sampler below.
  *   default               an empty xt_sample() (#else stub): the dispatcher calls it unconditionally.
  *
- * The control plane writes xt_sample_cfg[0] (pipeline/analytics/samples.py); until it does, both
- * values are 0 and nothing is sampled. xt_sample_state holds per-CPU bookkeeping and counters
- * (samples sent, lost because the ring was full, drop samples suppressed by the limit).
+ * One per-CPU map, xt_sample_state, holds the configuration (rate, drop_limit: the control plane,
+ * pipeline/analytics/samples.py, writes the same values into every CPU's slot, so the fast path
+ * needs a single lookup; until it does, both are 0 and nothing is sampled), the bookkeeping and
+ * the counters (samples sent, lost because the ring was full, drop samples suppressed).
+ *
+ * Records are submitted with BPF_RB_NO_WAKEUP: the consumer drains the ring on a timer instead
+ * of being woken (an irq_work on the XDP CPU) for every record.
  */
 #ifndef XT_SAMPLE_H
 #define XT_SAMPLE_H
@@ -28,7 +32,7 @@
 #define XT_SAMPLE_BYTES 128 /* a power of two. Ethernet + outer IPv4 + GRE with key + inner IPv6 + TCP fit */
 #endif
 #ifndef XT_SAMPLE_RING_PAGES
-#define XT_SAMPLE_RING_PAGES 64 /* 256 KiB at 4 KiB pages: ~1,500 records of 160 bytes */
+#define XT_SAMPLE_RING_PAGES 256 /* 1 MiB at 4 KiB pages: ~6,500 records of 160 bytes */
 #endif
 #define XT_SAMPLE_F_PERIODIC 0x1 /* the 1-in-N sample */
 #define XT_SAMPLE_F_DROP 0x2     /* a dropped frame (within drop_limit) */
@@ -45,14 +49,10 @@ struct xt_sample {
 	__u8 data[XT_SAMPLE_BYTES];
 };
 
-/* xt_sample_cfg value (written by the control plane). */
-struct xt_sample_cfg {
-	__u32 rate;       /* 1 in N frames per CPU; 0: no periodic samples */
-	__u32 drop_limit; /* drop samples per CPU per second; 0: none */
-};
-
 /* xt_sample_state value (per CPU). */
 struct xt_sample_state {
+	__u32 rate;            /* config: 1 in N frames per CPU; 0: no periodic samples */
+	__u32 drop_limit;      /* config: drop samples per CPU per second; 0: none */
 	__u64 seen;            /* frames since the last periodic sample */
 	__u64 window_start;    /* ns, start of the drop-sample window */
 	__u64 window_drops;    /* drop samples sent in that window */
@@ -63,35 +63,32 @@ struct xt_sample_state {
 
 /* Sampled frame headers, to user space. */
 BPF_RINGBUF_OUTPUT(xt_samples, XT_SAMPLE_RING_PAGES);
-/* Sampling configuration: one slot. */
-BPF_ARRAY(xt_sample_cfg, struct xt_sample_cfg, 1);
-/* Sampler bookkeeping and counters, per CPU: one slot. */
+/* Sampler configuration, bookkeeping and counters, per CPU: one slot. */
 BPF_PERCPU_ARRAY(xt_sample_state, struct xt_sample_state, 1);
 
 static __always_inline void xt_sample(struct xdp_md *ctx, struct xt_pkt *p, int action)
 {
 	__u32 zero = 0, flags = 0, len, n;
-	struct xt_sample_cfg *cfg = xt_sample_cfg.lookup(&zero);
 	struct xt_sample_state *st = xt_sample_state.lookup(&zero);
 	struct xt_sample *rec;
 
-	if (!cfg || !st)
+	if (!st)
 		return;
-	if (cfg->rate) {
+	if (st->rate) {
 		st->seen++;
-		if (st->seen >= cfg->rate) {
+		if (st->seen >= st->rate) {
 			st->seen = 0;
 			flags |= XT_SAMPLE_F_PERIODIC;
 		}
 	}
-	if ((action == XDP_DROP || action == XDP_ABORTED) && cfg->drop_limit) {
+	if ((action == XDP_DROP || action == XDP_ABORTED) && st->drop_limit) {
 		__u64 now = bpf_ktime_get_ns();
 
 		if (now - st->window_start >= XT_SAMPLE_WINDOW_NS) {
 			st->window_start = now;
 			st->window_drops = 0;
 		}
-		if (st->window_drops < cfg->drop_limit) {
+		if (st->window_drops < st->drop_limit) {
 			st->window_drops++;
 			flags |= XT_SAMPLE_F_DROP;
 		} else {
@@ -126,7 +123,7 @@ static __always_inline void xt_sample(struct xdp_md *ctx, struct xt_pkt *p, int 
 			n = 0;
 	}
 	rec->cap = n;
-	xt_samples.ringbuf_submit(rec, 0);
+	xt_samples.ringbuf_submit(rec, BPF_RB_NO_WAKEUP);
 	st->sent++;
 }
 

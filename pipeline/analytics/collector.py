@@ -266,11 +266,12 @@ class Collector:
                 acc = reasons.setdefault(k, [0, 0])
                 acc[0] += _delta(p, pp)
                 acc[1] += _delta(b, pb)
-        if first:
-            return None
-        mix: Counter = Counter()
         for sampler in self.samplers:
             sampler.drain()
+        if first:
+            return None          # samples stay in the samplers' mix for the next tick
+        mix: Counter = Counter()
+        for sampler in self.samplers:
             mix.update(sampler.mix.take())
         tick = Tick(now, interval, {k: (v[0], v[1]) for k, v in traffic.items()}, drops,
                     {k: (v[0], v[1]) for k, v in reasons.items()}, mix)

@@ -7,7 +7,7 @@ ports and TCP flags, and :class:`Mix` counts them per tunnel and minute: top sou
 top destination ports, protocols and TCP flag combinations.
 
 :class:`Sampler` owns the program side: writes the rate and the drop limit into
-``xt_sample_cfg``, opens the ring buffer through bcc and drains it into a :class:`Mix`.
+``xt_sample_state`` (every CPU's slot), opens the ring buffer through bcc and drains it into a :class:`Mix`.
 """
 from __future__ import annotations
 
@@ -157,7 +157,7 @@ class Mix:
 
 
 class Sampler:
-    """The program side of sampling: configure ``xt_sample_cfg`` and drain ``xt_samples``.
+    """The program side of sampling: configure ``xt_sample_state`` and drain ``xt_samples``.
 
     ``bpf`` is the bcc BPF object of a program built with -DXT_FEATURE_SAMPLE. ``clock`` gives
     the wall-clock time a drained record is filed under (its minute); ``keep`` records are kept
@@ -171,20 +171,28 @@ class Sampler:
         self.mix = Mix()
         self.received = 0
         self.malformed = 0
+        self._consume = threading.Lock()     # one consumer of the ring at a time
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
         self.configure(rate, drop_limit)
         bpf[b"xt_samples"].open_ring_buffer(self._on_record)
 
     def reset(self) -> None:
-        """Zero the per-CPU sampler state and counters (tests, a restarted collector)."""
-        self.bpf[b"xt_sample_state"].clear()
+        """Zero the per-CPU bookkeeping and counters, keeping the configuration (tests, a
+        restarted collector)."""
+        self.configure(*self.config, keep_counters=False)
 
-    def configure(self, rate: int, drop_limit: int) -> None:
+    def configure(self, rate: int, drop_limit: int, keep_counters: bool = True) -> None:
+        """Write rate and drop limit into every CPU's slot of xt_sample_state."""
         if not 0 <= rate < 1 << 32 or not 0 <= drop_limit < 1 << 32:
             raise ValueError(f"sample rate {rate} / drop limit {drop_limit} outside 0..2^32-1")
-        t = self.bpf[b"xt_sample_cfg"]
-        leaf = t.Leaf()
-        leaf.rate, leaf.drop_limit = rate, drop_limit
-        t[t.Key(0)] = leaf
+        t = self.bpf[b"xt_sample_state"]
+        key = t.Key(0)
+        vals = t[key] if keep_counters else t.Leaf()
+        for v in vals:
+            v.rate, v.drop_limit = rate, drop_limit
+        t[key] = vals
+        self.config = (rate, drop_limit)
 
     def _on_record(self, _ctx, data, size) -> int:
         import ctypes
@@ -201,9 +209,29 @@ class Sampler:
 
     def drain(self) -> int:
         """Consume every record waiting in the ring buffer (non-blocking); returns how many."""
-        before = self.received + self.malformed
-        self.bpf.ring_buffer_consume()
-        return self.received + self.malformed - before
+        with self._consume:
+            before = self.received + self.malformed
+            self.bpf.ring_buffer_consume()
+            return self.received + self.malformed - before
+
+    def start(self, every: float = 0.1) -> Sampler:
+        """Drain every ``every`` seconds in a thread, so a burst of samples never waits a
+        whole collection interval in the ring (the program does not wake consumers: it submits
+        with BPF_RB_NO_WAKEUP); ``close()`` stops it."""
+        def loop() -> None:
+            while not self._stop.wait(every):
+                self.drain()
+        self._thread = threading.Thread(target=loop, name="xtransit-samples", daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+        self.drain()
+        self._stop.clear()
 
     def counters(self) -> dict[str, int]:
         """The program's per-CPU sampler counters, summed: sent, lost, suppressed."""
