@@ -367,6 +367,15 @@ class Demo:
         if proc.returncode != 0:
             raise DemoError(f"peer.sh up failed:\n{proc.stderr[-2000:]}\n"
                             f"edge log:\n{self.edge.tail()}")
+        # The customer router clamps the MSS of SYNs leaving its side, as routers with IPsec
+        # tunnels are configured to: the edge's decrypt path does not clamp SYN-ACKs (see the
+        # report of issue 9), and without it the Internet host would send 1500-byte segments
+        # that no longer fit once encrypted.
+        self.ns["swan"].run("nft", "-f", "-", input=(
+            "table inet xt_demo_mss {\n"
+            " chain clamp { type filter hook forward priority mangle;\n"
+            "  oifname \"ipsec0\" tcp flags syn / syn,rst tcp option maxseg size set 1360\n"
+            " }\n}\n"))
         for name in ("ike_sa_up", "child_sa_up", "sa_installed", "tunnel_up"):
             show_event("edge", self.edge.wait_event(name, 30, **(
                 {"tunnel": "site-ipsec"} if name != "ike_sa_up" else {})))
@@ -613,7 +622,7 @@ class Demo:
                 ("" if ok else str({k: v for k, v in self.results.items()
                                     if v in (False, None, 0)})))
             return 0 if ok else 1
-        except DemoError as e:
+        except (DemoError, netns.NetnsError) as e:
             say(f"\ndemo failed: {e}")
             return 1
         except KeyboardInterrupt:
