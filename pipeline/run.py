@@ -20,7 +20,8 @@ What runs, in this order (and stops in the reverse order):
 Customer-side GRE mode needs nothing special: a node whose tunnel endpoint is the customer
 router's address and whose GRE tunnel's ``customer_endpoint`` is the edge's anycast address,
 with routes (e.g. the Internet prefixes) into that tunnel, encapsulates toward the edge and
-decapsulates what comes back with the same program (examples/demo-gre-cpe.toml).
+decapsulates what comes back with the same program (examples/demo-gre-cpe.toml; make demo
+runs one).
 
 Events (one log line each, ``event=<name>`` and key=value fields, or one JSON object per line
 with ``--log-format json``): ``started``, ``stopped``, ``config_reloaded``,
