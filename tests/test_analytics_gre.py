@@ -283,3 +283,38 @@ def parse_top(text: str) -> dict[str, list[tuple[str, int]]]:
         else:
             out[cur].append((cols[0], int(cols[1])))
     return out
+
+
+def test_runtime_from_config_reads_pins_and_serves_metrics(rig, tmp_path):
+    """Analytics.start with no data plane object: the pins of a data plane run elsewhere, the
+    history file and the HTTP port from the [analytics] table."""
+    import socket
+
+    from pipeline.analytics.runtime import Analytics
+    from pipeline.config import load
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    text = rig.cfg_path.read_text().replace("http_port = 0", f"http_port = {port}")
+    text = text.replace("an.db", "runtime.db")
+    path = tmp_path / "runtime.toml"
+    path.write_text(text)
+    cfg = load(path)
+    frame = decap_frame(IP(src="203.0.113.7", dst=OUTSIDE) / UDP(sport=1, dport=2))
+    with Analytics.start(cfg) as an:
+        assert an.sampler is None and an.exporter.port == port
+        for _ in range(12):
+            rig.cust.send(frame)
+            time.sleep(0.0005)
+        assert len(rig.inet.recv_all(12, timeout=3, match=lambda f: f[23] == 17)) == 12
+        deadline = time.monotonic() + 5
+        while an.collector.snapshot()["traffic"].get(("plain", EGRESS), (0, 0))[0] < 12:
+            assert time.monotonic() < deadline, an.collector.snapshot()
+            time.sleep(0.1)
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+    fams = {f.name: f for f in text_string_to_metric_families(body.decode())}
+    got = {tuple(sorted(s.labels.items())): s.value
+           for s in fams["xtransit_tunnel_packets"].samples}
+    assert got[(("direction", "egress"), ("tunnel", "plain"))] == 12
+    h = History(tmp_path / "runtime.db", readonly=True)
+    assert sum(p.out_packets for p in h.points("plain", 0)) == 12
