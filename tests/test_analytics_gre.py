@@ -318,3 +318,38 @@ def test_runtime_from_config_reads_pins_and_serves_metrics(rig, tmp_path):
     assert got[(("direction", "egress"), ("tunnel", "plain"))] == 12
     h = History(tmp_path / "runtime.db", readonly=True)
     assert sum(p.out_packets for p in h.points("plain", 0)) == 12
+
+
+def test_live_rates_table(rig):
+    """What `xtransit stats --watch` prints: a rates table per refresh, from the pins."""
+    import threading
+
+    from pipeline.analytics.live import rate_lines, watch
+    frame = decap_frame(IP(src="203.0.113.7", dst=OUTSIDE) / UDP(sport=1, dport=2))
+    stop = threading.Event()
+
+    def send() -> None:
+        while not stop.is_set():
+            rig.cust.send(frame)
+            time.sleep(0.002)
+    t = threading.Thread(target=send)
+    t.start()
+    out: list[str] = []
+    try:
+        assert watch(rig.cfg, interval=0.3, count=2, echo=out.append, clear=False) == 2
+    finally:
+        stop.set()
+        t.join()
+    tables = [i for i, line in enumerate(out) if line.endswith("s") and "UTC, rates over" in line]
+    assert len(tables) == 2
+    header = out[tables[1] + 1].split()
+    assert header[:3] == ["TUNNEL", "IN", "PPS"]
+    plain = out[tables[1] + 2].split()
+    assert plain[0] == "plain" and plain[1:3] == ["0", "0"] and float(plain[3]) > 0
+    # exact arithmetic of one tick
+    from pipeline.analytics.collector import Tick
+    lines = rate_lines(rig.cfg, Tick(0.0, 2.0, {("keyed", INGRESS): (3000, 375_000)},
+                                     {("keyed", "too_big_v6"): 4, (NODE, "unknown_tunnel"): 2},
+                                     {}))
+    assert lines[2].split() == ["keyed", "1.50k", "1.50M", "0", "0", "too_big_v6=2"]
+    assert lines[-1].split() == ["(no", "tunnel)", "0", "0", "0", "0", "unknown_tunnel=1"]
