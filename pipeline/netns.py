@@ -11,8 +11,8 @@ sweep the namespaces of a crashed one (:func:`sweep_stale`: the pid is no longer
 from __future__ import annotations
 
 import contextlib
-import itertools
 import ipaddress
+import itertools
 import os
 import re
 import select
@@ -21,6 +21,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Self
 
 from pyroute2 import IPRoute, netns
 
@@ -70,7 +71,8 @@ class Namespace:
         """Run a command inside the namespace; output is captured as text."""
         kw.setdefault("capture_output", True)
         kw.setdefault("text", True)
-        proc = subprocess.run(["ip", "netns", "exec", self.name, *cmd], timeout=timeout, **kw)
+        proc = subprocess.run(["ip", "netns", "exec", self.name, *cmd], check=False,
+                              timeout=timeout, **kw)
         if check and proc.returncode != 0:
             raise NetnsError(
                 f"{self.name}: {' '.join(cmd)} exited {proc.returncode}: "
@@ -236,7 +238,7 @@ class Lab:
                 netns.remove(ns.name)
         self.namespaces.clear()
 
-    def __enter__(self) -> Lab:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -245,7 +247,8 @@ class Lab:
 
 def _kill_processes_in(name: str) -> None:
     """Kill what still runs in a namespace so removing it really frees it."""
-    proc = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True)
+    proc = subprocess.run(["ip", "netns", "pids", name], check=False, capture_output=True,
+                          text=True)
     for pid in proc.stdout.split():
         with contextlib.suppress(ProcessLookupError, ValueError):
             os.kill(int(pid), 9)

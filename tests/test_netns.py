@@ -32,12 +32,11 @@ def test_ping_between_namespaces(two_hosts):
 
 def test_lab_removes_namespaces_after_exception():
     names = []
-    with pytest.raises(RuntimeError, match="boom"):
-        with netns.Lab("x") as lab:
-            a, b = lab.namespace("a"), lab.namespace("b")
-            lab.veth(a, "v0", b, "v1")
-            names = [a.name, b.name]
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), netns.Lab("x") as lab:
+        a, b = lab.namespace("a"), lab.namespace("b")
+        lab.veth(a, "v0", b, "v1")
+        names = [a.name, b.name]
+        raise RuntimeError("boom")
     assert names and not set(names) & set(pnetns.listnetns())
 
 
