@@ -11,17 +11,19 @@ top destination ports, protocols and TCP flag combinations.
 """
 from __future__ import annotations
 
-import ipaddress
 import struct
 import threading
 from collections import Counter, deque
 from dataclasses import dataclass, field
+from socket import AF_INET, AF_INET6, inet_ntop
+from typing import NamedTuple
 
 from ..xdp import reasons as _reasons
 
 SAMPLE_BYTES = 128                 # XT_SAMPLE_BYTES
 F_PERIODIC, F_DROP = 0x1, 0x2      # XT_SAMPLE_F_*
 _HDR = struct.Struct("=6I")        # tunnel, reason, action, flags, len, cap
+_U16, _PORTS = struct.Struct("!H"), struct.Struct("!HH")
 RECORD_SIZE = _HDR.size + SAMPLE_BYTES
 PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 47: "gre", 50: "esp", 58: "icmpv6", 132: "sctp"}
 _TCP_FLAGS = ((0x02, "SYN"), (0x10, "ACK"), (0x01, "FIN"), (0x04, "RST"), (0x08, "PSH"),
@@ -29,8 +31,7 @@ _TCP_FLAGS = ((0x02, "SYN"), (0x10, "ACK"), (0x01, "FIN"), (0x04, "RST"), (0x08,
 KINDS = ("src", "dport", "proto", "tcp_flags")
 
 
-@dataclass(frozen=True)
-class Record:
+class Record(NamedTuple):
     tunnel: int
     reason: int
     action: int
@@ -47,8 +48,7 @@ def parse_record(raw: bytes) -> Record:
     return Record(tunnel, reason, action, flags, length, bytes(raw[_HDR.size:_HDR.size + cap]))
 
 
-@dataclass(frozen=True)
-class Headers:
+class Headers(NamedTuple):
     """What a sampled frame says about the innermost IP packet (None: not present/truncated)."""
     src: str | None = None
     dst: str | None = None
@@ -76,9 +76,9 @@ def _ip(b: bytes, off: int, ethertype: int, depth: int = 0) -> Headers:
             return Headers()
         ihl = (b[off] & 0xF) * 4
         proto = b[off + 9]
-        frag = struct.unpack_from("!H", b, off + 6)[0] & 0x1FFF
-        src = str(ipaddress.IPv4Address(b[off + 12:off + 16]))
-        dst = str(ipaddress.IPv4Address(b[off + 16:off + 20]))
+        frag = _U16.unpack_from(b, off + 6)[0] & 0x1FFF
+        src = inet_ntop(AF_INET, b[off + 12:off + 16])
+        dst = inet_ntop(AF_INET, b[off + 16:off + 20])
         l4 = off + ihl
         if frag:
             return Headers(src, dst, proto)
@@ -86,8 +86,8 @@ def _ip(b: bytes, off: int, ethertype: int, depth: int = 0) -> Headers:
         if len(b) < off + 40 or b[off] >> 4 != 6:
             return Headers()
         proto = b[off + 6]
-        src = str(ipaddress.IPv6Address(b[off + 8:off + 24]))
-        dst = str(ipaddress.IPv6Address(b[off + 24:off + 40]))
+        src = inet_ntop(AF_INET6, b[off + 8:off + 24])
+        dst = inet_ntop(AF_INET6, b[off + 24:off + 40])
         l4 = off + 40
     else:
         return Headers()
@@ -99,7 +99,7 @@ def _ip(b: bytes, off: int, ethertype: int, depth: int = 0) -> Headers:
                 return h
         return Headers(src, dst, proto)
     if proto in (6, 17, 132) and len(b) >= l4 + 4:
-        sport, dport = struct.unpack_from("!HH", b, l4)
+        sport, dport = _PORTS.unpack_from(b, l4)
         flags = b[l4 + 13] if proto == 6 and len(b) >= l4 + 14 else None
         return Headers(src, dst, proto, sport, dport, flags)
     return Headers(src, dst, proto)
@@ -110,7 +110,7 @@ def headers(frame: bytes) -> Headers:
     (one level of GRE is looked through; ESP is opaque)."""
     if len(frame) < 14:
         return Headers()
-    return _ip(frame, 14, struct.unpack_from("!H", frame, 12)[0])
+    return _ip(frame, 14, _U16.unpack_from(frame, 12)[0])
 
 
 def protocol_name(proto: int) -> str:
@@ -122,6 +122,9 @@ def flag_names(flags: int) -> str:
     return "|".join(names) if names else "none"
 
 
+_FLAG_NAMES = [flag_names(f) for f in range(256)]
+
+
 @dataclass
 class Mix:
     """Sample counts per (minute, tunnel index, kind, key); kinds are :data:`KINDS` plus
@@ -131,23 +134,25 @@ class Mix:
 
     def add(self, rec: Record, when: float) -> None:
         minute = int(when) // 60 * 60
+        t = rec.tunnel
         h = headers(rec.data)
-        items = []
+        keys = []
         if rec.flags & F_PERIODIC:
-            items.append(("samples", "periodic"))
+            keys.append((minute, t, "samples", "periodic"))
         if rec.flags & F_DROP:
-            items.append(("samples", "drop"))
-            items.append(("drop_reason", _reasons.load().name(rec.reason)))
+            keys.append((minute, t, "samples", "drop"))
+            keys.append((minute, t, "drop_reason", _reasons.load().name(rec.reason)))
         if h.src is not None:
-            items.append(("src", h.src))
-            items.append(("proto", protocol_name(h.proto)))
-        if h.dport is not None:
-            items.append(("dport", str(h.dport)))
-        if h.tcp_flags is not None:
-            items.append(("tcp_flags", flag_names(h.tcp_flags)))
+            keys.append((minute, t, "src", h.src))
+            keys.append((minute, t, "proto", PROTO_NAMES.get(h.proto) or str(h.proto)))
+            if h.dport is not None:
+                keys.append((minute, t, "dport", str(h.dport)))
+            if h.tcp_flags is not None:
+                keys.append((minute, t, "tcp_flags", _FLAG_NAMES[h.tcp_flags]))
         with self.lock:
-            for kind, key in items:
-                self.counts[(minute, rec.tunnel, kind, key)] += 1
+            counts = self.counts
+            for k in keys:
+                counts[k] += 1
 
     def take(self) -> Counter:
         """The counts gathered since the last call (and forget them)."""
