@@ -8,12 +8,13 @@ pinned to CPU 1. Cases, per size (64 and 1400-byte inner IPv4/UDP packets):
   xdp_drop/esp/S          XDP_DROP of the ESP frames at d0: what reaching XDP costs (ceiling)
   xsk_fwd_veth/S          AF_XDP forward-only, no crypto: steer -> worker -> TX on the internal
                           veth -> bpf_fib_lookup + redirect -> d1 (the path's own ceiling)
-  xsk_fwd_veth_budget32/S the same with the kernel's default copy-mode TX budget (32 frames per
-                          sendto) instead of 256 (XDP_MAX_TX_SKB_BUDGET, Linux >= 6.17)
+  xsk_fwd_veth_budget256/S the same with a copy-mode TX budget of 256 frames per sendto
+                          (XDP_MAX_TX_SKB_BUDGET, Linux >= 6.17) instead of the kernel's 32
   xsk_fwd_direct/S        the same, but the worker transmits straight out of d1 to a fixed next
                           hop (the alternative design: next hops mirrored from netlink)
   decrypt_fwd/S           ESP (raw, protocol 50) pre-encrypted with GCM-128 by the independent
                           implementation -> decrypt -> inner packet forwarded to the sink
+  decrypt_fwd_direct/S    decrypt_fwd with the worker transmitting straight out of d1
   decrypt_fwd_udp/S       the same as ESP-in-UDP (RFC 3948)
   encrypt_fwd/S           plain packets to the customer prefix -> GCM-128 ESP to the router
 
@@ -89,7 +90,7 @@ def child_sa(udp: bool) -> ChildSaParams:
 
 @contextlib.contextmanager
 def ipsec_plug(topo: rates.Topology, *, udp: bool = False, direct: bool = False,
-               no_crypto: bool = False, tx_budget: int = 256):
+               no_crypto: bool = False, tx_budget: int = 0):
     """Plug: the IPsec data path on the DUT (steering on d0, one worker pinned to WORKER_CPU)."""
     queues = tuple(range(os.cpu_count() or 1))   # rates.Topology: one queue per CPU
     dp = ipsec.IpsecDataPath({"bench": ipsec.TunnelInfo("bench", TUNNEL)}, node_id=1)
@@ -126,11 +127,14 @@ def cases(sizes: Sequence[int]) -> tuple[list[rates.Case], list[tuple[str, str]]
             rates.drop_case(f"xdp_drop/esp/{s}", [esp]),
             rates.xdp_case(f"xsk_fwd_veth/{s}", [plain],
                            lambda t: ipsec_plug(t, no_crypto=True), out_len=14 + s),
-            rates.xdp_case(f"xsk_fwd_veth_budget32/{s}", [plain],
-                           lambda t: ipsec_plug(t, no_crypto=True, tx_budget=0), out_len=14 + s),
+            rates.xdp_case(f"xsk_fwd_veth_budget256/{s}", [plain],
+                           lambda t: ipsec_plug(t, no_crypto=True, tx_budget=256),
+                           out_len=14 + s),
             rates.xdp_case(f"xsk_fwd_direct/{s}", [plain],
                            lambda t: ipsec_plug(t, no_crypto=True, direct=True), out_len=14 + s),
             rates.xdp_case(f"decrypt_fwd/{s}", [esp], lambda t: ipsec_plug(t), out_len=14 + s),
+            rates.xdp_case(f"decrypt_fwd_direct/{s}", [esp],
+                           lambda t: ipsec_plug(t, direct=True), out_len=14 + s),
             rates.xdp_case(f"decrypt_fwd_udp/{s}", [esp_udp],
                            lambda t: ipsec_plug(t, udp=True), out_len=14 + s),
             rates.xdp_case(f"encrypt_fwd/{s}", [plain], lambda t: ipsec_plug(t),
@@ -139,7 +143,8 @@ def cases(sizes: Sequence[int]) -> tuple[list[rates.Case], list[tuple[str, str]]
         ratios += [(f"decrypt_fwd/{s}", f"xsk_fwd_veth/{s}"),
                    (f"encrypt_fwd/{s}", f"xsk_fwd_veth/{s}"),
                    (f"xsk_fwd_direct/{s}", f"xsk_fwd_veth/{s}"),
-                   (f"xsk_fwd_veth/{s}", f"xsk_fwd_veth_budget32/{s}"),
+                   (f"decrypt_fwd_direct/{s}", f"decrypt_fwd/{s}"),
+                   (f"xsk_fwd_veth_budget256/{s}", f"xsk_fwd_veth/{s}"),
                    (f"xsk_fwd_veth/{s}", f"xdp_drop/esp/{s}")]
     return out, ratios
 

@@ -584,7 +584,7 @@ class IpsecEdge:
                  *, xsk_mode: str = "auto", ring_size: int = 2048, batch: int = 64,
                  tx_direct: tuple[str, str] | None = None, bench_no_crypto: bool = False,
                  worker_cpu: int | None = None, steering: Steering | None = None,
-                 edge_bpf: Any = None, workers: int = 1, tx_budget: int = 256) -> None:
+                 edge_bpf: Any = None, workers: int = 1, tx_budget: int = 0) -> None:
         from pyroute2 import IPRoute
 
         from pipeline import xsk as _xsk

@@ -103,7 +103,8 @@ class XskWorker:
     (``tx_ifname``'s own MAC and its veth peer's). ``esp_worker`` must stay open while this
     worker exists. ``tx_queue``: the queue of ``tx_ifname`` to transmit on (one per worker);
     ``natt_table``: a :class:`NattTable` shared with the other workers. ``tx_budget``: frames the
-    kernel sends per sendto() in copy mode (Linux >= 6.17; 0 keeps the kernel's 32). ``bench_no_crypto``
+    kernel sends per sendto() in copy mode (Linux >= 6.17; 0 keeps the kernel's 32, which
+    measured as fast as 256 here: bench/RESULTS.md). ``bench_no_crypto``
     (benchmarks only) forwards every frame unchanged: the
     ceiling of the AF_XDP path itself.
     """
@@ -112,7 +113,7 @@ class XskWorker:
                  tx_src_mac: str, tx_dst_mac: str, *, mode: str = MODE_AUTO,
                  ring_size: int = 2048, frame_size: int = 2048, batch: int = 64,
                  poll_ms: int = 50, bench_no_crypto: bool = False, tx_queue: int = 0,
-                 natt_table: NattTable | None = None, tx_budget: int = 256) -> None:
+                 natt_table: NattTable | None = None, tx_budget: int = 0) -> None:
         if not 1 <= len(rx) <= lib.XT_XSK_MAX_RX:
             raise XskError(f"need 1..{lib.XT_XSK_MAX_RX} RX (device, queue) pairs, got {len(rx)}")
         if mode not in _MODES:
