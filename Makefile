@@ -18,6 +18,7 @@ bench: setup
 	$(PY) -m bench.rates --generic
 	$(PY) -m bench.bench_gre_rate
 	$(PY) bench/bench_gre_cost.py
+	$(PY) -m bench.bench_analytics
 
 lint: setup
 	.venv/bin/ruff check pipeline tests bench
