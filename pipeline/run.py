@@ -25,7 +25,7 @@ runs one).
 
 Events (one log line each, ``event=<name>`` and key=value fields, or one JSON object per line
 with ``--log-format json``): ``started``, ``stopped``, ``config_reloaded``,
-``config_reload_failed``, ``ike_sa_up``, ``ike_sa_down``, ``child_sa_up``, ``child_sa_rekeyed``,
+``config_reload_failed``, ``analytics_failed``, ``ike_sa_up``, ``ike_sa_down``, ``child_sa_up``, ``child_sa_rekeyed``,
 ``child_sa_down``, ``sa_installed``, ``sa_rekeyed``, ``sa_deleted``, ``tunnel_up``,
 ``tunnel_down`` (IPsec: the tunnel has / no longer has an SA pair in the data path; GRE: decapsulated
 traffic seen / none for ``GRE_IDLE_S`` seconds). Keys never appear in any of them.
@@ -369,7 +369,7 @@ class Edge:
             self._start_dataplane(cfg)
             if cfg.ipsec_tunnels:
                 self._start_ipsec(cfg)
-            self.analytics = _analytics(self)
+            self._start_analytics()
         except BaseException:
             self.close()
             raise
@@ -381,6 +381,16 @@ class Edge:
               routes=len(cfg.routes),
               analytics=self.analytics.describe if self.analytics else "off")
         return self
+
+    def _start_analytics(self) -> None:
+        """Analytics is for people, the data path for customers: when it cannot start (its
+        history file cannot be opened, its port is taken) the edge runs without it."""
+        try:
+            self.analytics = _analytics(self)
+        except Exception as e:  # noqa: BLE001 - any analytics failure is reported, not fatal
+            event("analytics_failed", level=logging.ERROR, error=f"{type(e).__name__}: {e}",
+                  history_file=str(self.config.analytics.history_file),
+                  http_port=self.config.analytics.http_port)
 
     def _start_dataplane(self, cfg: Config) -> None:
         try:
@@ -419,12 +429,19 @@ class Edge:
                 log.warning("tunnel endpoint %s is not an address of this host: IKE to it "
                             "will not arrive (add it, e.g. to lo)", a)
         if isinstance(cfg.state, SqliteState):
-            fleet = fleet_key_for(cfg.state)
+            try:
+                fleet = fleet_key_for(cfg.state)
+            except OSError as e:
+                raise RunError(f"state store key beside {cfg.state.path}: {e}") from e
             layout = Layout()
         else:
             fleet = cfg.state.fleet_key
             layout = Layout(cfg.state.prefix)
-        self.store = open_store(cfg.state)
+        from .store import StoreError
+        try:
+            self.store = open_store(cfg.state)
+        except StoreError as e:
+            raise RunError(f"state store ([state] in {cfg.path}): {e}") from e
         self.shared = SharedState(self.store, fleet, layout, node=cfg.node.id)
         self.datapath = IpsecDataPath.from_config(cfg)
         self.installer = EventInstaller(self.datapath)
@@ -435,7 +452,10 @@ class Edge:
                                         edge_bpf=self.dataplane.program.bpf)
         except OSError as e:
             raise KernelFeatureMissing(f"AF_XDP worker: {e}: run `xtransit doctor`") from e
-        self.sync = SaSync(self.shared, self.installer).start()
+        try:
+            self.sync = SaSync(self.shared, self.installer).start()
+        except StoreError as e:
+            raise RunError(f"state store ([state] in {cfg.path}): {e}") from e
         self.engine = _event_engine_class()(from_config(cfg), StoreSaInstaller(self.shared,
                                                                                 self.sync))
         self.ike = IkeServer(self.engine, [str(a) for a in cfg.node.tunnel_endpoints])

@@ -24,7 +24,7 @@ from pipeline.xdp import maps
 REPO = Path(__file__).resolve().parents[1]
 
 
-def config(node: str, ifname: str, prefix: str) -> str:
+def config(node: str, ifname: str, prefix: str, history: str = "/nonexistent/a.db") -> str:
     return f"""
 [node]
 id = 9
@@ -49,6 +49,7 @@ tunnel = "site-a"
 
 [analytics]
 http_port = 0
+history_file = "{history}"
 """
 
 
@@ -65,7 +66,7 @@ def test_invalid_config_exits_2(tmp_path):
     cfg.write_text(config("n", "eth0", "10.1.0.0/24").replace('prefix = "10.1.0.0/24"',
                                                                 'prefix = "10.1.0.1/24"'))
     p = xtransit("run", "--config", str(cfg))
-    out, err = p.communicate(timeout=60)
+    _, err = p.communicate(timeout=60)
     assert p.returncode == 2
     assert f"{cfg}: routes[0].prefix: host bits set in '10.1.0.1/24'" in err
     assert "1 error; nothing started" in err
@@ -140,7 +141,8 @@ def daemon(lab, tmp_path):
     lab.veth(a, "e0", b, "p0", "10.99.0.1/24", "10.99.0.2/24")
     node = f"t-run-{os.getpid()}-{a.name.rsplit('-', 1)[1]}"
     cfg = tmp_path / "edge.toml"
-    cfg.write_text(config(node, "e0", "10.1.0.0/24"))
+    history = tmp_path / "history.db"
+    cfg.write_text(config(node, "e0", "10.1.0.0/24", str(history)))
     proc = xtransit("run", "--config", str(cfg), "--log-format", "json", netns=a.name)
     try:
         yield proc, Log(proc), cfg, node, a, b
@@ -155,8 +157,9 @@ def test_sighup_applies_changed_route(daemon):
     proc, seen, cfg, node, a, _ = daemon
     started = seen.wait("started", 90)
     assert started["interfaces"] == "e0:native"
+    assert started["analytics"] == f"history {cfg.parent / 'history.db'}, http off"
     assert _routes4(node) == {"10.1.0.0/24"}
-    cfg.write_text(config(node, "e0", "10.2.0.0/24"))
+    cfg.write_text(config(node, "e0", "10.2.0.0/24", str(cfg.parent / "history.db")))
     proc.send_signal(signal.SIGHUP)
     ev = seen.wait("config_reloaded", 30)
     assert ev["changed"] == "routes4:2"            # one prefix added, one removed
@@ -175,7 +178,7 @@ def test_sighup_applies_changed_route(daemon):
 
 @pytest.mark.netns
 def test_sigterm_leaves_nothing_attached(daemon):
-    proc, seen, cfg, node, a, b = daemon
+    proc, seen, _, node, a, b = daemon
     seen.wait("started", 90)
     assert _xdp(a, "e0") is not None
     assert _xdp(b, "p0") is not None               # the veth peer's pass program
@@ -187,3 +190,92 @@ def test_sigterm_leaves_nothing_attached(daemon):
     assert _xdp(b, "p0") is None
     assert not maps.pin_dir(node).exists()
     assert "xdp" not in a.run("ip", "-d", "link", "show").stdout
+
+
+# --- unit: log formats, the SA event adapter, the ESP build flags --------------------------------
+
+def _record(event=None, **fields):
+    import logging
+    rec = logging.LogRecord("xtransit", logging.INFO, __file__, 1, "tunnel up", None, None)
+    rec.created, rec.msecs = 0.0, 0.0
+    if event:
+        rec.event, rec.fields = event, fields
+    return rec
+
+
+def test_key_value_and_json_formats():
+    from pipeline import run as r
+    rec = _record("tunnel_up", kind="ipsec", tunnel="site b", peer="203.0.113.6")
+    text = r.KeyValueFormatter().format(rec)
+    assert text.split(" ", 1)[1] == ('level=info event=tunnel_up kind=ipsec tunnel="site b" '
+                                     'peer=203.0.113.6 msg="tunnel up"')
+    obj = json.loads(r.JsonFormatter().format(rec))
+    assert {k: v for k, v in obj.items() if k != "ts"} == {
+        "level": "info", "logger": "xtransit", "event": "tunnel_up", "kind": "ipsec",
+        "tunnel": "site b", "peer": "203.0.113.6", "msg": "tunnel up"}
+    plain = r.KeyValueFormatter().format(_record())
+    assert plain.split(" ", 1)[1] == 'level=info logger=xtransit msg="tunnel up"'
+
+
+def test_event_installer_logs_sa_and_tunnel_events_without_keys(caplog):
+    import logging
+
+    from pipeline import run as r
+    from pipeline.sa import ChildSaParams, RecordingSaInstaller
+    key = bytes(range(32))
+    sa = ChildSaParams(tunnel_name="site-b", tunnel_id="t", account_id="a", ike_sa="x",
+                       spi_in=0x1001, spi_out=0x2001, encr="aes-gcm-16", encr_key_bits=256,
+                       integ=None, local_addr="192.0.2.1", remote_addr="203.0.113.6",
+                       encap_local_port=4500, encap_remote_port=4500, enc_key_in=key,
+                       enc_key_out=key, salt_in=b"salt", salt_out=b"salt")
+    rec = RecordingSaInstaller()
+    inst = r.EventInstaller(rec)
+    with caplog.at_level(logging.INFO, logger="xtransit"):
+        inst.install(sa)
+        sa2 = ChildSaParams(**{**sa.__dict__, "spi_in": 0x1002, "spi_out": 0x2002})
+        inst.replace(0x1001, sa2)
+        inst.delete(0x1001)
+        inst.delete(0x1002)
+    events = [(x.event, x.fields) for x in caplog.records if getattr(x, "event", None)]
+    assert [e for e, _ in events] == ["sa_installed", "tunnel_up", "sa_rekeyed", "sa_deleted",
+                                      "sa_deleted", "tunnel_down"]
+    assert events[0][1] == {"tunnel": "site-b", "spi_in": "0x00001001", "spi_out": "0x00002001",
+                            "algorithms": "aes-gcm-16-256", "local": "192.0.2.1",
+                            "peer": "203.0.113.6", "udp_encap": "4500->4500"}
+    assert events[2][1]["old_spi_in"] == "0x00001001"
+    assert rec.events == [("install", 0x1001), ("replace", 0x1002), ("delete", 0x1002)]
+    text = "\n".join(r.KeyValueFormatter().format(x) for x in caplog.records)
+    assert key.hex() not in text and "salt" not in text
+
+
+def test_esp_cflags_supply_only_missing_reasons(tmp_path):
+    from pipeline import run as r
+    h = tmp_path / "drop_reasons.h"
+    h.write_text("#define XT_R_ESP_STEERED 20 // x\n#define XT_R_ESP_IKE 22 // y\n")
+    assert r.esp_cflags(h) == ("-DXT_FEATURE_ESP", "-DXT_R_ESP_KEEPALIVE=21",
+                               "-DXT_R_ESP_NO_WORKER=23")
+
+
+@pytest.mark.netns
+def test_analytics_failure_is_reported_and_the_edge_runs(lab, tmp_path):
+    a, b = lab.namespace("run"), lab.namespace("peer")
+    lab.veth(a, "e0", b, "p0", "10.99.0.1/24", "10.99.0.2/24")
+    node = f"t-run-{os.getpid()}-{a.name.rsplit('-', 1)[1]}"
+    cfg = tmp_path / "edge.toml"
+    cfg.write_text(config(node, "e0", "10.1.0.0/24", str(tmp_path / "no" / "dir" / "h.db")))
+    proc = xtransit("run", "--config", str(cfg), "--log-format", "json", netns=a.name)
+    try:
+        log = Log(proc)
+        failed = log.wait("analytics_failed", 90)
+        assert failed["level"] == "error"
+        assert failed["history_file"] == str(tmp_path / "no" / "dir" / "h.db")
+        assert "unable to open database file" in failed["error"]
+        assert log.wait("started", 30)["analytics"] == "off"
+        assert _routes4(node) == {"10.1.0.0/24"}
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        assert _xdp(a, "e0") is None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)

@@ -46,4 +46,8 @@ def run(config_file: str, log_format: str, log_level: str) -> None:
         raise SystemExit(e.exit_status) from None
     except KeyboardInterrupt:
         status = 0
+    except Exception as e:  # a message, not a traceback (--log-level debug: both)
+        logging.getLogger("xtransit").debug("start failed", exc_info=True)
+        click.echo(f"xtransit run: {type(e).__name__}: {e}", err=True)
+        raise SystemExit(1) from None
     raise SystemExit(status)
