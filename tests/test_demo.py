@@ -87,11 +87,43 @@ def test_clean_teardown(demo):
     assert "xtransit run (gre-cpe) exited with status 0" in out
     assert "namespaces removed: 7 of 7" in out
     assert re.search(r"\[edge\] ike_sa_down +tunnel=site-ipsec .* reason=deleted_by_peer", out)
-    left = [n for n in Path("/run/netns").iterdir() if f"-{pid}-" in n.name] \
-        if Path("/run/netns").exists() else []
+    _nothing_left(pid)
+    assert not Path(f"/run/xtransit/demo-edge-{pid}").exists()
+
+
+def _nothing_left(pid: int) -> None:
+    netns_dir = Path("/run/netns")
+    left = [n.name for n in netns_dir.iterdir() if f"-{pid}-" in n.name] \
+        if netns_dir.exists() else []
     assert left == []
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True)
-    assert [a for a in ps.stdout.splitlines() if "demo-output/" in a and " run " in a] == []
+    assert [a for a in ps.stdout.splitlines()
+            if f"demo-edge-{pid}" in a or ("demo-output/" in a and " run " in a)] == []
     assert not Path(f"/sys/fs/bpf/xtransit/demo-edge-{pid}").exists()
     assert not Path(f"/sys/fs/bpf/xtransit/demo-grecpe-{pid}").exists()
-    assert not Path(f"/run/xtransit/demo-edge-{pid}").exists()
+
+
+def test_ctrl_c_tears_everything_down():
+    """SIGINT (Ctrl-C) once both daemons and the strongSwan peer run: same clean teardown."""
+    import signal
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.demo", "--ci"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            if line.startswith("== Ping"):
+                proc.send_signal(signal.SIGINT)
+                break
+        out = "".join(seen) + proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+    assert proc.returncode == 130
+    assert "\ninterrupted\n" in out
+    assert "strongSwan peer stopped" in out
+    assert "xtransit run (edge) exited with status 0" in out
+    assert "xtransit run (gre-cpe) exited with status 0" in out
+    assert "namespaces removed: 7 of 7" in out
+    _nothing_left(proc.pid)

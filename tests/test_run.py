@@ -279,3 +279,55 @@ def test_analytics_failure_is_reported_and_the_edge_runs(lab, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+IPSEC = """
+[tunnels.ipsec.site-b]
+id = "f5407d8db1a542b196c59f6d04ba8bd1"
+account_id = "123456789"
+index = 2
+edge_endpoint = "192.0.2.1"
+interface_address = "10.200.0.2/31"
+psk_file = "site-b.psk"
+
+[state]
+backend = "sqlite"
+path = "{state}"
+"""
+
+
+@pytest.mark.netns
+def test_ipsec_node_starts_worker_and_ike_and_stops_clean(lab, tmp_path):
+    """With an IPsec tunnel: the AF_XDP worker's internal veth and the IKE sockets exist while
+    it runs; after SIGTERM no XDP program, no internal veth, no socket is left."""
+    a, b = lab.namespace("run"), lab.namespace("peer")
+    lab.veth(a, "e0", b, "p0", "10.99.0.1/24", "10.99.0.2/24")
+    a.add_address("lo", "192.0.2.1/32")
+    psk = tmp_path / "site-b.psk"
+    psk.write_text("a-test-psk-of-enough-length-0123\n")
+    psk.chmod(0o600)
+    node = f"t-run-{os.getpid()}-{a.name.rsplit('-', 1)[1]}"
+    cfg = tmp_path / "edge.toml"
+    cfg.write_text(config(node, "e0", "10.1.0.0/24", str(tmp_path / "h.db"))
+                   + IPSEC.format(state=tmp_path / "state.db"))
+    proc = xtransit("run", "--config", str(cfg), "--log-format", "json", netns=a.name)
+    try:
+        log = Log(proc)
+        started = log.wait("started", 90)
+        assert (started["gre_tunnels"], started["ipsec_tunnels"]) == (1, 1)
+        links = a.run("ip", "-o", "link", "show").stdout
+        assert "xtesp0" in links and "xtesp1" in links
+        udp = a.run("ss", "-Hlnu").stdout.split()
+        assert "192.0.2.1:500" in udp and "192.0.2.1:4500" in udp
+        key = Path(f"{tmp_path / 'state.db'}.key")
+        assert key.stat().st_mode & 0o777 == 0o600       # the SQLite store's sealing key
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        assert "xtesp" not in a.run("ip", "-o", "link", "show").stdout
+        assert a.run("ss", "-Hlnu").stdout.strip() == ""
+        assert _xdp(a, "e0") is None and _xdp(b, "p0") is None
+        assert not maps.pin_dir(node).exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
