@@ -401,7 +401,8 @@ class Demo:
         with contextlib.suppress(DemoError):
             show_event("gre-cpe", self.cpe.wait_event("tunnel_up", 5, tunnel="to-edge"))
 
-    def iperf(self, server_role: str, server_ip: str, label: str, clamp: int) -> None:
+    def iperf(self, server_role: str, server_ip: str, label: str, clamp: int,
+              reverse: bool = False) -> None:
         srv = self.ns[server_role]
         port = srv.port("eth0")
         server = srv.popen("iperf3", "-s", "-1", "-B", server_ip, stdout=subprocess.DEVNULL,
@@ -410,7 +411,7 @@ class Demo:
             time.sleep(0.5)
             secs = "2" if self.ci else "5"
             proc = self.ns["inet"].run("iperf3", "-c", server_ip, "-t", secs, "-J",
-                                       check=False, timeout=60)
+                                       *(["-R"] if reverse else []), check=False, timeout=60)
             syn = port.recv(1.0, match=_is_syn_to(server_ip, 5201))
         finally:
             port.close()
@@ -429,6 +430,10 @@ class Demo:
             ok = recv["bytes"] > 0
         except (ValueError, KeyError):
             line, ok, mbps = f"FAILED: {(proc.stderr or proc.stdout).strip()[-300:]}", False, 0
+        if reverse:
+            self.results[f"iperf3 -R {label}"] = ok
+            say(f"  iperf3 Internet <- {label:<16} {line}")
+            return
         self.results[f"iperf3 {label}"] = ok
         self.results[f"mss {label}"] = mss
         say(f"  iperf3 Internet -> {label:<16} {line}")
@@ -439,6 +444,9 @@ class Demo:
         step("TCP transfers with iperf3 from the Internet host (MSS clamped by the edge)")
         self.iperf("gresrv", GRE_SRV, f"GRE {GRE_SRV}", 1432)
         self.iperf("ipsrv", IPS_SRV, f"IPsec {IPS_SRV}", 1360)
+        say("  ... and the other way (iperf3 -R: the servers behind the sites send)")
+        self.iperf("gresrv", GRE_SRV, f"GRE {GRE_SRV}", 1432, reverse=True)
+        self.iperf("ipsrv", IPS_SRV, f"IPsec {IPS_SRV}", 1360, reverse=True)
 
     def burst(self) -> None:
         step("A burst from the live-frames generator (XDP BPF_PROG_TEST_RUN live frames)")

@@ -57,6 +57,8 @@ def test_traffic_both_ways_through_both_tunnels(demo):
         assert r[f"ping {label}"] is True, label
     assert r["iperf3 GRE 10.20.0.2"] is True
     assert r["iperf3 IPsec 10.10.1.2"] is True
+    assert r["iperf3 -R GRE 10.20.0.2"] is True      # the servers sending to the Internet
+    assert r["iperf3 -R IPsec 10.10.1.2"] is True
     # the SYN as the servers saw it: 1460 from the Internet host, clamped by the edge
     assert r["mss GRE 10.20.0.2"] == 1432
     assert r["mss IPsec 10.10.1.2"] == 1360
