@@ -363,7 +363,8 @@ class Edge:
         cfg = load(self.config_path)           # ConfigError: exit status 2
         self.config = cfg
         if os.geteuid() != 0:
-            raise KernelFeatureMissing("xtransit run needs root (CAP_BPF, CAP_NET_ADMIN)")
+            raise KernelFeatureMissing("needs root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN): "
+                                       "run it as root; `xtransit doctor` checks the rest")
         _check_interfaces(cfg)
         try:
             self._start_dataplane(cfg)

@@ -331,3 +331,19 @@ def test_ipsec_node_starts_worker_and_ike_and_stops_clean(lab, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+@pytest.mark.netns
+def test_without_privileges_exits_4_and_points_to_doctor():
+    import tempfile
+    with tempfile.TemporaryDirectory(dir="/tmp") as d:   # readable by nobody (pytest's is not)
+        os.chmod(d, 0o755)
+        cfg = Path(d) / "edge.toml"
+        cfg.write_text(config("t-unpriv", "eth0", "10.1.0.0/24"))
+        cfg.chmod(0o644)
+        p = subprocess.run(["runuser", "-u", "nobody", "--", sys.executable, "-m",
+                            "pipeline.cli", "run", "--config", str(cfg)], cwd=REPO,
+                           capture_output=True, text=True, timeout=60, check=False)
+    assert p.returncode == 4, p.stderr
+    assert p.stderr == ("xtransit run: needs root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN): "
+                        "run it as root; `xtransit doctor` checks the rest\n")
