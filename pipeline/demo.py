@@ -675,6 +675,18 @@ def _syn_mss(frame: bytes) -> int | None:
     return None
 
 
+def _sweep_stale_pins() -> None:
+    """Pinned maps and status files of demo daemons whose demo process is gone (kill -9)."""
+    import re
+    for root in (Path("/sys/fs/bpf/xtransit"), Path("/run/xtransit")):
+        if not root.is_dir():
+            continue
+        for d in root.iterdir():
+            m = re.fullmatch(r"demo-(?:edge|grecpe)-(\d+)", d.name)
+            if m and not Path(f"/proc/{m.group(1)}").exists():
+                shutil.rmtree(d, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipeline.demo", description=__doc__.split("\n")[0])
     p.add_argument("--ci", action="store_true",
@@ -684,6 +696,7 @@ def main(argv: list[str] | None = None) -> int:
         print("make demo needs root (network namespaces, XDP)", file=sys.stderr)
         return 1
     netns.sweep_stale()
+    _sweep_stale_pins()
 
     def _term(signum, frame):
         raise KeyboardInterrupt
