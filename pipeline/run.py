@@ -25,7 +25,7 @@ runs one).
 
 Events (one log line each, ``event=<name>`` and key=value fields, or one JSON object per line
 with ``--log-format json``): ``started``, ``stopped``, ``config_reloaded``,
-``config_reload_failed``, ``analytics_failed``, ``ike_sa_up``, ``ike_sa_down``, ``child_sa_up``, ``child_sa_rekeyed``,
+``config_reload_failed``, ``analytics_failed``, ``worker_failed``, ``ike_sa_up``, ``ike_sa_down``, ``child_sa_up``, ``child_sa_rekeyed``,
 ``child_sa_down``, ``sa_installed``, ``sa_rekeyed``, ``sa_deleted``, ``tunnel_up``,
 ``tunnel_down`` (IPsec: the tunnel has / no longer has an SA pair in the data path; GRE: decapsulated
 traffic seen / none for ``GRE_IDLE_S`` seconds). Keys never appear in any of them.
@@ -508,6 +508,7 @@ class Edge:
                     self._reload_pending = False
                     self.reload()
                 self._watch_gre(time.monotonic())
+                self._watch_workers()
                 self._write_status()
         finally:
             if self.ike is not None:
@@ -589,6 +590,18 @@ class Edge:
                 st.up = False
                 event("tunnel_down", kind="gre", tunnel=t.name, peer=str(t.customer_endpoint),
                       idle_s=int(now - st.last_seen))
+
+    def _watch_workers(self) -> None:
+        """An AF_XDP worker that stopped on its own (a fatal socket error) is an event, once;
+        IPsec traffic through its device stops until a restart."""
+        if self.ipsec_edge is None:
+            return
+        for w in self.ipsec_edge.workers:
+            rc = w.exit_code
+            if rc is not None and not getattr(w, "_xt_reported", False):
+                w._xt_reported = True
+                event("worker_failed", level=logging.ERROR, error=os.strerror(-rc) if rc < 0
+                      else f"exit {rc}", hint="IPsec traffic stopped: restart xtransit")
 
     def status(self) -> dict[str, Any]:
         out: dict[str, Any] = {"node": self.config.node.name, "pid": os.getpid(),
