@@ -347,3 +347,68 @@ def test_without_privileges_exits_4_and_points_to_doctor():
     assert p.returncode == 4, p.stderr
     assert p.stderr == ("xtransit run: needs root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN): "
                         "run it as root; `xtransit doctor` checks the rest\n")
+
+
+PEER_SH = (REPO / ".." / "shared" / "peers" / "strongswan" / "peer.sh").resolve()
+SITE_C = """
+[tunnels.ipsec.site-c]
+id = "0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0c"
+account_id = "42"
+index = 3
+edge_endpoint = "192.0.2.1"
+interface_address = "10.200.0.4/31"
+psk_file = "site-c.psk"
+"""
+
+
+@pytest.mark.netns
+@pytest.mark.peer
+def test_sighup_adds_an_ipsec_tunnel_that_strongswan_then_uses(lab, tmp_path):
+    """A tunnel added on SIGHUP is known to IKE and to the data path without a restart: the
+    strongSwan peer authenticates as it and its Child SA is installed."""
+    edge, cust = lab.namespace("run"), lab.namespace("sw")
+    lab.veth(cust, "c0", edge, "e0", "10.99.0.2/24", "10.99.0.1/24")
+    edge.add_address("lo", "192.0.2.1/32")
+    cust.add_route("192.0.2.1/32", gateway="10.99.0.1")
+    for name, key in (("site-b.psk", "b-test-psk-of-enough-length-0123"),
+                      ("site-c.psk", "c-test-psk-of-enough-length-0123")):
+        (tmp_path / name).write_text(key + "\n")
+        (tmp_path / name).chmod(0o600)
+    node = f"t-run-{os.getpid()}-{edge.name.rsplit('-', 1)[1]}"
+    base = (config(node, "e0", "10.1.0.0/24", str(tmp_path / "h.db"))
+            + IPSEC.format(state=tmp_path / "state.db"))
+    cfg = tmp_path / "edge.toml"
+    cfg.write_text(base)
+    proc = xtransit("run", "--config", str(cfg), "--log-format", "json", netns=edge.name)
+    try:
+        log = Log(proc)
+        log.wait("started", 90)
+        cfg.write_text(base + SITE_C)
+        proc.send_signal(signal.SIGHUP)
+        ev = log.wait("config_reloaded", 30)
+        assert ev["needs_restart"] == "none"
+        assert ev["changed"] == "tunnels:1"
+        up = subprocess.run(
+            [str(PEER_SH), "up", "--ns", cust.name, "--local", "10.99.0.2/24", "--remote",
+             "192.0.2.1", "--id-type", "keyid", "--id", "42_0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0c",
+             "--psk", "c-test-psk-of-enough-length-0123", "--timeout", "10", "--retries", "2"],
+            check=False, capture_output=True, text=True, timeout=60)
+        assert up.returncode == 0, up.stderr[-2000:]
+        assert log.wait("ike_sa_up", 10)["tunnel"] == "site-c"
+        installed = log.wait("sa_installed", 10)
+        assert (installed["tunnel"], installed["peer"], installed["udp_encap"]) == (
+            "site-c", "10.99.0.2", "4500->4500")
+        assert log.wait("tunnel_up", 10)["tunnel"] == "site-c"
+        text = "\n".join(json.dumps(e) for e in log.seen)
+        assert "c-test-psk" not in text and "b-test-psk" not in text
+    finally:
+        subprocess.run([str(PEER_SH), "down", "--ns", cust.name], check=False,
+                       capture_output=True, timeout=30)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+    assert proc.returncode == 0
