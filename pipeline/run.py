@@ -330,6 +330,15 @@ def _local_addresses() -> set[str]:
         return {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(family=socket.AF_INET)}
 
 
+def _state_id(cfg: Config) -> tuple:
+    """What identifies the store (an EtcdState's FleetKey compares by identity)."""
+    s = cfg.state
+    if isinstance(s, SqliteState):
+        return ("sqlite", s.path)
+    return ("etcd", s.endpoints, s.prefix, s.fleet_key.key_id, s.ca_file, s.cert_file,
+            s.key_file)
+
+
 @dataclass
 class _GreLiveness:
     packets: int = 0
@@ -540,7 +549,7 @@ class Edge:
             restart.append("node.tunnel_endpoints (IKE sockets)")
         if bool(new.ipsec_tunnels) != bool(old.ipsec_tunnels):
             restart.append("IPsec tunnels added to or all removed from a node")
-        if new.state != old.state or new.node.id != old.node.id:
+        if _state_id(new) != _state_id(old) or new.node.id != old.node.id:
             restart.append("state / node.id")
         try:
             changed = self.dataplane.apply(new)

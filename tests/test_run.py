@@ -412,3 +412,19 @@ def test_sighup_adds_an_ipsec_tunnel_that_strongswan_then_uses(lab, tmp_path):
                 proc.kill()
                 proc.wait(10)
     assert proc.returncode == 0
+
+
+def test_reloading_the_same_etcd_state_needs_no_restart(tmp_path):
+    """An EtcdState holds a FleetKey, which compares by identity: two loads of one file must
+    still count as the same store."""
+    import shutil
+
+    from pipeline import config as C
+    from pipeline import run as r
+    ex = tmp_path / "examples"
+    shutil.copytree(REPO / "examples", ex)
+    (ex / "keys" / "fleet.key").chmod(0o600)
+    a, b = C.load(ex / "etcd.toml", env={}), C.load(ex / "etcd.toml", env={})
+    assert a.state != b.state
+    assert r._state_id(a) == r._state_id(b)
+    assert r._state_id(a) != r._state_id(C.load(ex / "edge.toml", env={}))
