@@ -425,6 +425,5 @@ def test_reloading_the_same_etcd_state_needs_no_restart(tmp_path):
     shutil.copytree(REPO / "examples", ex)
     (ex / "keys" / "fleet.key").chmod(0o600)
     a, b = C.load(ex / "etcd.toml", env={}), C.load(ex / "etcd.toml", env={})
-    assert a.state != b.state
     assert r._state_id(a) == r._state_id(b)
     assert r._state_id(a) != r._state_id(C.load(ex / "edge.toml", env={}))
