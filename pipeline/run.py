@@ -330,6 +330,38 @@ def _local_addresses() -> set[str]:
         return {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(family=socket.AF_INET)}
 
 
+MAX_RX_QUEUES = 16      # bpf/esp_steer.h XT_ESP_MAX_QUEUES: sockets per device
+_SIOCETHTOOL = 0x8946
+_ETHTOOL_GCHANNELS = 0x3C
+
+
+def _rx_queues(ifname: str) -> tuple[int, ...]:
+    """Every RX queue in use on a device gets an AF_XDP socket (steered packets arriving on a
+    queue without one are dropped as esp_no_worker). The count is the driver's channel count
+    (`ethtool -l`: rx + combined), which is the kernel's real_num_rx_queues that AF_XDP bind
+    checks; a driver without channel support has one queue."""
+    import array
+    import fcntl
+    import struct
+    chan = array.array("I", [_ETHTOOL_GCHANNELS] + [0] * 8)
+    addr, _ = chan.buffer_info()
+    ifreq = struct.pack("16sP", ifname.encode()[:15], addr) + bytes(16)
+    n = 1
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            fcntl.ioctl(s.fileno(), _SIOCETHTOOL, ifreq)
+            # struct ethtool_channels: cmd, max_rx, max_tx, max_other, max_combined,
+            # rx_count, tx_count, other_count, combined_count
+            n = max(1, chan[5] + chan[8])
+        except OSError:
+            pass
+    if n > MAX_RX_QUEUES:
+        log.warning("%s has %d RX queues; AF_XDP sockets on the first %d only (reduce them "
+                    "with `ethtool -L %s combined %d`)", ifname, n, MAX_RX_QUEUES, ifname,
+                    MAX_RX_QUEUES)
+    return tuple(range(min(n, MAX_RX_QUEUES)))
+
+
 def _state_id(cfg: Config) -> tuple:
     """What identifies the store (an EtcdState's FleetKey compares by identity)."""
     s = cfg.state
@@ -455,7 +487,8 @@ class Edge:
         self.shared = SharedState(self.store, fleet, layout, node=cfg.node.id)
         self.datapath = IpsecDataPath.from_config(cfg)
         self.installer = EventInstaller(self.datapath)
-        devices = [RxDevice(i.name, (0,), i.xdp_mode) for i in cfg.node.interfaces]
+        devices = [RxDevice(i.name, _rx_queues(i.name), i.xdp_mode)
+                   for i in cfg.node.interfaces]
         try:
             self.ipsec_edge = IpsecEdge(self.datapath, devices,
                                         [str(a) for a in cfg.node.tunnel_endpoints],
@@ -639,19 +672,30 @@ class Edge:
 
 
 def run(config_path: str) -> int:
-    """Start, serve until a stop signal, close. Returns 0; start() errors propagate."""
+    """Start, serve until a stop signal, close. Returns 0; start() errors propagate.
+
+    From the first step to the last a signal never takes the default action (which would end
+    the process with programs attached): SIGTERM before ``serve()`` installs its handlers is
+    a KeyboardInterrupt (start()'s with-blocks unwind and detach; after start, close() runs),
+    SIGHUP is remembered as a pending reload, and both are ignored while closing."""
     edge = Edge(config_path)
-    # SIGTERM during start(): turn it into an exception so the with-blocks unwind and detach
+
     def _early(signum, frame):
         raise KeyboardInterrupt
-    prev = signal.signal(signal.SIGTERM, _early)
-    try:
-        edge.start()
-    finally:
-        signal.signal(signal.SIGTERM, prev)
+
+    def _hup(signum, frame):
+        edge._reload_pending = True
+
+    signal.signal(signal.SIGTERM, _early)
+    signal.signal(signal.SIGHUP, _hup)
+    edge.start()
     try:
         asyncio.run(edge.serve())
+    except KeyboardInterrupt:
+        pass
     finally:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
         edge.close()
         event("stopped", node=edge.config.node.name if edge.config else "-")
     return 0
