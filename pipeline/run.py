@@ -32,7 +32,9 @@ traffic seen / none for ``GRE_IDLE_S`` seconds). Keys never appear in any of the
 
 Status: every second the daemon writes ``/run/xtransit/<node name>/status.json`` (IKE and Child
 SAs without keys, native ESP counters per tunnel, AF_XDP worker counters), which is how
-separate commands see what only this process holds.
+separate commands see what only this process holds. Beside it, ``control.sock`` (mode 0600,
+root or the daemon's uid only; pipeline/control.py) answers ``xtransit sa export-keys`` and logs
+``keys_exported`` (counts, never keys); ``control_failed`` when it cannot be opened.
 """
 from __future__ import annotations
 
@@ -542,6 +544,7 @@ class Edge:
         loop.add_signal_handler(signal.SIGHUP, self._request_reload)
         if self.ike is not None:
             await self.ike.start()
+        control = await self._start_control()
         try:
             while not self._stop.is_set():
                 with contextlib.suppress(asyncio.TimeoutError):
@@ -553,10 +556,22 @@ class Edge:
                 self._watch_workers()
                 self._write_status()
         finally:
+            if control is not None:
+                await control.close()
             if self.ike is not None:
                 await self.ike.close()
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
+
+    async def _start_control(self):
+        """The control socket (pipeline/control.py: ``xtransit sa export-keys``). Like
+        analytics it is for people: when it cannot start the edge runs without it."""
+        from . import control
+        try:
+            return await control.for_edge(self, RUN_ROOT).start()
+        except Exception as e:  # noqa: BLE001 - reported, not fatal
+            event("control_failed", level=logging.ERROR, error=f"{type(e).__name__}: {e}")
+            return None
 
     def _request_reload(self) -> None:
         self._reload_pending = True       # applied by the loop within STATUS_INTERVAL_S
