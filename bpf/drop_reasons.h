@@ -28,7 +28,10 @@
 #define XT_R_NO_TUNNEL 17         // drop: prefix routed to a tunnel index with no tunnel
 #define XT_R_IPSEC_NOT_BUILT 18   // pass: prefix routed to an IPsec tunnel, ESP steering not built
 #define XT_R_ADJUST_FAILED 19     // drop: the kernel refused to grow or shrink the frame
-#define XT_R_ESP_STEERED 20       // redirect: ESP / ESP-in-UDP steered to AF_XDP (later issue)
+#define XT_R_ESP_STEERED 20       // redirect: ESP / ESP-in-UDP or a packet to encrypt, to AF_XDP
+#define XT_R_ESP_KEEPALIVE 21     // drop: NAT-T keepalive (RFC 3948 2.3: one 0xff byte)
+#define XT_R_ESP_IKE 22           // pass: IKE on UDP 500/4500 (non-ESP marker), to the IKE daemon
+#define XT_R_ESP_NO_WORKER 23     // drop: to be steered, no AF_XDP socket on this RX queue
 
 /* Retired numbers (never reuse): none yet. */
 

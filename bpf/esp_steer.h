@@ -227,9 +227,8 @@ static __always_inline int esp_encrypt_prepare(struct xdp_md *ctx, __u32 *l4_off
 
 #if defined(XT_FEATURE_ESP)
 /*
- * The edge program's hooks. The reasons XT_R_ESP_KEEPALIVE, XT_R_ESP_IKE and XT_R_ESP_NO_WORKER
- * are to be added to drop_reasons.h next to XT_R_ESP_STEERED when this is wired in (see the
- * report of issue 5); esp_steer_stats keeps the finer ESP counts either way.
+ * The edge program's hooks: every outcome under a reason of drop_reasons.h (XT_R_ESP_*);
+ * esp_steer_stats keeps the finer ESP counts.
  */
 static __always_inline int xt_esp_ingress(struct xdp_md *ctx, struct xt_pkt *p,
 					  struct iphdr *iph, int l4proto)

@@ -59,9 +59,8 @@ log = logging.getLogger("xtransit")
 GRE_IDLE_S = 30.0           # a GRE tunnel with no decapsulated packet for this long is "down"
 STATUS_INTERVAL_S = 1.0
 RUN_ROOT = Path("/run/xtransit")
-# Reasons bpf/esp_steer.h uses in the edge build (-DXT_FEATURE_ESP) that bpf/drop_reasons.h does
-# not define yet; given as -D flags only while they are missing there (see esp_cflags()).
-_ESP_REASONS = {"XT_R_ESP_KEEPALIVE": 21, "XT_R_ESP_IKE": 22, "XT_R_ESP_NO_WORKER": 23}
+# The edge program with ESP steering hooks (bpf/esp_steer.h) for nodes with IPsec tunnels.
+ESP_CFLAGS = ("-DXT_FEATURE_ESP",)
 
 
 # --- errors with exit statuses (pipeline/commands/run.py maps them) ------------------------------
@@ -137,17 +136,6 @@ def setup_logging(fmt: str = "text", level: int = logging.INFO) -> None:
 
 
 # --- adapters (see the report: what the owning modules could provide instead) ------------------
-
-def esp_cflags(header: Path | None = None) -> tuple[str, ...]:
-    """cflags for the edge program with ESP steering; missing reason numbers are supplied."""
-    from .xdp.dataplane import BPF_DIR
-    text = (header or BPF_DIR / "drop_reasons.h").read_text()
-    flags = ["-DXT_FEATURE_ESP"]
-    for name, number in _ESP_REASONS.items():
-        if f"#define {name} " not in text:
-            flags.append(f"-D{name}={number}")
-    return tuple(flags)
-
 
 def fleet_key_for(state: SqliteState):
     """The key that seals SA keys in a SQLite store. ``[state]`` has no ``fleet_key_file`` for
@@ -442,7 +430,7 @@ class Edge:
         except ImportError as e:
             raise KernelFeatureMissing(f"cannot load the XDP loader ({e}): bcc missing? "
                                        "run `xtransit doctor`") from e
-        cflags = esp_cflags() if cfg.ipsec_tunnels else ()
+        cflags = ESP_CFLAGS if cfg.ipsec_tunnels else ()
         try:
             self.dataplane = Dataplane(cfg, cflags=cflags).start()
         except LoadError as e:

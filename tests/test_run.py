@@ -248,12 +248,14 @@ def test_event_installer_logs_sa_and_tunnel_events_without_keys(caplog):
     assert key.hex() not in text and "salt" not in text
 
 
-def test_esp_cflags_supply_only_missing_reasons(tmp_path):
-    from pipeline import run as r
-    h = tmp_path / "drop_reasons.h"
-    h.write_text("#define XT_R_ESP_STEERED 20 // x\n#define XT_R_ESP_IKE 22 // y\n")
-    assert r.esp_cflags(h) == ("-DXT_FEATURE_ESP", "-DXT_R_ESP_KEEPALIVE=21",
-                               "-DXT_R_ESP_NO_WORKER=23")
+def test_every_esp_steering_outcome_has_a_named_reason():
+    """The edge build's ESP hooks count under reasons of bpf/drop_reasons.h, so `xtransit stats`
+    and the analytics name them (not `reason_22`)."""
+    from pipeline.xdp import reasons
+    r = reasons.load()
+    assert [(r.number(n), r.by_number[r.number(n)].verdict) for n in
+            ("esp_steered", "esp_keepalive", "esp_ike", "esp_no_worker")] == [
+        (20, "redirect"), (21, "drop"), (22, "pass"), (23, "drop")]
 
 
 @pytest.mark.netns
