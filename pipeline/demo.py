@@ -453,6 +453,7 @@ class Demo:
         from pipeline import loadgen as lg
         count = 2000 if self.ci else 20000
         before = self.counters()
+        worker_before = self.worker_drops()
         for dst, label in ((GRE_SRV, "GRE"), (IPS_SRV, "IPsec")):
             frame = lg.ethernet(MACS[("edge", "inet0")], MACS[("inet", "i0")], 0x0800,
                                 lg.pad_ipv4_to(100, lambda p, dst=dst: lg.ipv4_packet(
@@ -467,6 +468,31 @@ class Demo:
             d = after[t]["encap_packets"] - before[t]["encap_packets"]
             self.results[f"burst {t}"] = d
             say(f"  edge counted {d} more packets into {t}")
+        # what the IPsec path did not encrypt, by name: the AF_XDP rings and the ESP module
+        lost = {k: v - worker_before.get(k, 0) for k, v in self.worker_drops().items()
+                if v - worker_before.get(k, 0)}
+        if lost:
+            say("  not encrypted (AF_XDP worker counters): "
+                + ", ".join(f"{k}={v}" for k, v in sorted(lost.items())))
+        self.results["burst ipsec not encrypted"] = lost
+
+    def worker_drops(self) -> dict[str, int]:
+        """Drop counters of the edge's AF_XDP workers and ESP module, summed (status file)."""
+        ipsec = self.status().get("ipsec") or {}
+        out: dict[str, int] = {}
+        for w in ipsec.get("workers", []):
+            for k in ("k_rx_ring_full", "k_rx_dropped", "k_fill_empty", "tx_ring_full",
+                      "fill_short", "bad_meta", "runt"):
+                out[k] = out.get(k, 0) + int(w.get(k, 0))
+            for k, v in (w.get("encrypt_drops") or {}).items():
+                out[f"encrypt_{k}"] = out.get(f"encrypt_{k}", 0) + int(v)
+        for t in (ipsec.get("tunnels") or {}).values():
+            for k, v in (t.get("out", {}).get("drops") or {}).items():
+                out[f"esp_out_{k}"] = out.get(f"esp_out_{k}", 0) + int(v)
+        for k, v in (ipsec.get("steering") or {}).items():
+            if "drop" in k or "no_" in k:
+                out[f"steer_{k}"] = out.get(f"steer_{k}", 0) + int(v)
+        return out
 
     # counters --------------------------------------------------------------------------
     def counters(self) -> dict[str, dict[str, int]]:
