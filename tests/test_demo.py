@@ -62,9 +62,12 @@ def test_traffic_both_ways_through_both_tunnels(demo):
     # the SYN as the servers saw it: 1460 from the Internet host, clamped by the edge
     assert r["mss GRE 10.20.0.2"] == 1432
     assert r["mss IPsec 10.10.1.2"] == 1360
-    # 2000 generator frames per tunnel, counted at the edge (other traffic may add a few)
-    assert r["burst site-gre"] >= 2000
-    assert r["burst site-ipsec"] >= 2000
+    # 2000 generator frames per tunnel, each counted at the edge: encapsulated, or (IPsec on
+    # 2 cores) dropped by the kernel at the AF_XDP socket under a named counter
+    assert r["burst site-gre"] == 2000
+    lost = r["burst ipsec not encrypted"]
+    assert r["burst site-ipsec"] + lost.get("k_rx_dropped", 0) + lost.get("k_rx_ring_full", 0) \
+        == 2000, lost
     c = r["counters"]
     for tunnel in ("site-gre", "site-ipsec"):
         assert c[tunnel]["decap_packets"] > 0, tunnel        # customer -> Internet
