@@ -92,6 +92,10 @@ class IkeEngine:
         self._cookie_prev = self._cookie_secret
         self._cookie_version = 0
         self._cookie_rotated = now
+        # IKE SAs changed since the last take_changes() (by our SPI): what a node sharing its
+        # IKE SAs (pipeline/ike/fleet.py) writes to the store. Bookkeeping only, no I/O.
+        self.changed: dict[bytes, IkeSa] = {}
+        self.track_changes = False
 
     # ------------------------------------------------------------------ public API
     def handle(self, data: bytes, local: Endpoint, remote: Endpoint, now: float) -> list[Datagram]:
@@ -145,6 +149,40 @@ class IkeEngine:
     def half_open(self) -> int:
         return self._half_open
 
+    # ------------------------------------------------------------------ shared IKE SAs (issue 7)
+    def adopt(self, sa: IkeSa) -> None:
+        """Take over an IKE SA another node established or changed (``persist.loads``).
+
+        It replaces any copy of it held here, without touching the data path: its Child SAs are
+        already installed on every node from the store. Nothing is sent; the caller hands the
+        datagram that made it load the SA to ``handle()`` next."""
+        old = self.sas.get(sa.local_spi)
+        if old is not None and old is not sa:
+            self.forget(old)
+        self.sas[sa.local_spi] = sa
+        self.child_spis.update(sa.children)
+        self.stats["ike_adopted"] += 1
+
+    def forget(self, sa: IkeSa) -> None:
+        """Drop this node's copy of an IKE SA another node now holds (or deleted): no DELETE
+        is sent and no Child SA is uninstalled."""
+        if self.sas.get(sa.local_spi) is not sa:
+            return
+        del self.sas[sa.local_spi]
+        self.child_spis.difference_update(sa.children)
+        self.changed.pop(sa.local_spi, None)
+        self.stats["ike_forgotten"] += 1
+
+    def take_changes(self) -> list[IkeSa]:
+        """The IKE SAs changed since the last call (a destroyed one is in state DEAD)."""
+        out = list(self.changed.values())
+        self.changed.clear()
+        return out
+
+    def _changed(self, sa: IkeSa) -> None:
+        if self.track_changes:
+            self.changed[sa.local_spi] = sa
+
     def established_sas(self) -> list[IkeSa]:
         return [sa for sa in self.sas.values() if sa.state == IkeState.ESTABLISHED]
 
@@ -161,6 +199,7 @@ class IkeEngine:
             self._half_open -= 1
         sa.state = IkeState.ESTABLISHED
         sa.established_at = self.now
+        self._changed(sa)
         if sa.tunnel is not None and sa.tunnel.ike_lifetime:
             sa.rekey_at = self.now + sa.tunnel.ike_lifetime * (0.85 + 0.05 * random.random())
         self.stats["ike_established"] += 1
@@ -171,6 +210,7 @@ class IkeEngine:
     def add_child(self, sa: IkeSa, child: ChildSa) -> None:
         sa.children[child.spi_in] = child
         self.child_spis.add(child.spi_in)
+        self._changed(sa)
         self.installer.install(child.params(sa))
         self.stats["child_installed"] += 1
 
@@ -178,6 +218,7 @@ class IkeEngine:
         old.rekeyed = True
         sa.children[new.spi_in] = new
         self.child_spis.add(new.spi_in)
+        self._changed(sa)
         self.installer.replace(old.spi_in, new.params(sa))
         self.stats["child_rekeyed"] += 1
 
@@ -186,6 +227,7 @@ class IkeEngine:
         if child is None:
             return
         self.child_spis.discard(spi_in)
+        self._changed(sa)
         self.installer.delete(spi_in)
         self.stats["child_deleted"] += 1
 
@@ -211,6 +253,7 @@ class IkeEngine:
         self.sas[new.local_spi] = new
         old.state = IkeState.REKEYED
         old.rekeyed_at = self.now
+        self._changed(old)
         self.established(new)
         self.stats["ike_rekeyed"] += 1
         return new
@@ -227,6 +270,7 @@ class IkeEngine:
         if sa.state == IkeState.HALF_OPEN:
             self._half_open -= 1
         sa.state = IkeState.DEAD
+        self._changed(sa)
         self.stats["ike_destroyed_" + reason] += 1
         log.info("IKE SA %s removed (%s)", sa.name, reason)
 
@@ -399,6 +443,7 @@ class IkeEngine:
         datagrams = self._protect(sa, out, response)
         sa.last_response, sa.last_response_id = datagrams, msg.msg_id
         sa.expected_peer_id = msg.msg_id + 1
+        self._changed(sa)
         # RFC 7296 section 2.11: the response goes where the request came from.
         result = [Datagram(d, local, remote) for d in datagrams]
         if task is not None and task.destroy_after_response:
@@ -432,6 +477,7 @@ class IkeEngine:
             if payloads is None:
                 return []
         sa.last_heard = self.now
+        self._changed(sa)
         task = p.task
         try:
             task.process_i(self, sa, payloads)
@@ -476,6 +522,7 @@ class IkeEngine:
         else:
             datagrams = self._protect(sa, msg, payloads)
         sa.pending = Pending(task, msg.msg_id, datagrams, self.now)
+        self._changed(sa)
         if (isinstance(task, InformationalTask) and not task.payloads and sa.tunnel is not None
                 and sa.tunnel.dpd_timeout):
             # A liveness check is retried until the tunnel's dead-peer timeout (issue 6).
