@@ -223,6 +223,12 @@ def _event_engine_class():
                 event("ike_sa_down", tunnel=sa.tunnel.name if sa.tunnel else "-",
                       ike_sa=sa.name, reason=reason)
 
+        def adopt(self, sa) -> None:
+            super().adopt(sa)
+            event("ike_sa_adopted", tunnel=sa.tunnel.name if sa.tunnel else "-", ike_sa=sa.name,
+                  peer=f"{sa.remote[0]}:{sa.remote[1]}", next_request_id=sa.next_request_id,
+                  expected_peer_id=sa.expected_peer_id)
+
         def add_child(self, sa, child) -> None:
             super().add_child(sa, child)
             event("child_sa_up", tunnel=sa.tunnel.name if sa.tunnel else "-", ike_sa=sa.name,
@@ -491,7 +497,11 @@ class Edge:
             raise RunError(f"state store ([state] in {cfg.path}): {e}") from e
         self.engine = _event_engine_class()(from_config(cfg), StoreSaInstaller(self.shared,
                                                                                 self.sync))
-        self.ike = IkeServer(self.engine, [str(a) for a in cfg.node.tunnel_endpoints])
+        # IKE SAs go through the store too (issue 7): any node behind the anycast address
+        # processes the peer's next request on the latest state (pipeline/ike/fleet.py).
+        from .ike.fleet import SharedIkeSas
+        self.ike_shared = SharedIkeSas(self.engine, self.shared).start()
+        self.ike = IkeServer(self.ike_shared, [str(a) for a in cfg.node.tunnel_endpoints])
 
     def close(self) -> None:
         """Stop everything that started, in reverse order. Idempotent."""
@@ -499,6 +509,9 @@ class Edge:
             with contextlib.suppress(Exception):
                 self.analytics.close()
             self.analytics = None
+        if getattr(self, "ike_shared", None) is not None:
+            self.ike_shared.close()
+            self.ike_shared = None
         if self.sync is not None:
             self.sync.stop()
             self.sync = None
