@@ -73,7 +73,8 @@ class ControlServer:
             os.chmod(self.path, 0o600)
             sock.listen(8)
             sock.setblocking(False)
-            self._server = await asyncio.start_unix_server(self._serve, sock=sock)
+            self._server = await asyncio.start_unix_server(self._serve, sock=sock,
+                                                            limit=MAX_REQUEST)
         except BaseException:
             sock.close()
             with contextlib.suppress(OSError):
@@ -85,6 +86,15 @@ class ControlServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             uid = peer_uid(writer.get_extra_info("socket"))
+            # The request is read before any answer, also from a peer that will be refused:
+            # closing with its bytes unread would reset the connection before it reads why.
+            try:
+                line = await asyncio.wait_for(reader.readuntil(b"\n"), REQUEST_TIMEOUT_S)
+                req = json.loads(line)
+                name = req["request"]
+            except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+                    ValueError, KeyError, TypeError):
+                name = None
             if uid not in (0, os.getuid()):
                 self.refused += 1
                 log.warning("control socket: refused a client with uid %d (only root or uid %d)",
@@ -92,12 +102,7 @@ class ControlServer:
                 await self._answer(writer, {"ok": False, "error": f"permission denied: uid {uid} "
                                             "is neither root nor the daemon's user"})
                 return
-            try:
-                line = await asyncio.wait_for(reader.readuntil(b"\n"), REQUEST_TIMEOUT_S)
-                req = json.loads(line)
-                name = req["request"]
-            except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
-                    ValueError, KeyError, TypeError):
+            if name is None:
                 await self._answer(writer, {"ok": False, "error": "bad request: expected one "
                                             'line {"request": NAME}'})
                 return
