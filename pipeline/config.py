@@ -76,6 +76,7 @@ ETCD_PREFIX_DEFAULT = "/xtransit/"
 ROLES = ("internet", "customer", "both")
 XDP_MODES = ("native", "generic")
 BACKENDS = ("sqlite", "etcd")
+CONFIG_SOURCES = ("file", "store")   # where tunnels and routes come from ([state] config_source)
 
 
 # --- errors ------------------------------------------------------------------------------------
@@ -210,6 +211,7 @@ class Route:
 class SqliteState:
     backend: ClassVar[str] = "sqlite"
     path: Path
+    config_source: str = "file"     # "store": tunnels and routes from the store (fleet_config)
 
 
 @dataclass(frozen=True)
@@ -222,6 +224,7 @@ class EtcdState:
     cert_file: Path | None = None
     key_file: Path | None = None
     prefix: str = ETCD_PREFIX_DEFAULT
+    config_source: str = "file"
 
 
 @dataclass(frozen=True)
@@ -467,9 +470,13 @@ class _Ctx:
         self.base_dir = base_dir
         self.env = env
         self.errors: list[ConfigError] = []
+        self.shared_file: str | None = None   # where [tunnels] / [[routes]] came from instead
 
     def error(self, field: str | None, message: str) -> None:
-        self.errors.append(ConfigError(self.file, field, message))
+        file = self.file
+        if self.shared_file and field and re.match(r"(tunnels|routes)\b", field):
+            file = self.shared_file
+        self.errors.append(ConfigError(file, field, message))
 
     def path(self, p: str) -> Path:
         q = Path(p).expanduser()
@@ -723,13 +730,14 @@ def _read_state(ctx: _Ctx, v: Any) -> SqliteState | EtcdState | None:
     if t is None:
         return None
     backend = t.get("backend", _choice(BACKENDS), "sqlite")
+    source = t.get("config_source", _choice(CONFIG_SOURCES), "file")
     sqlite_keys = ("path",)
     etcd_keys = ("endpoints", "ca_file", "cert_file", "key_file", "fleet_key_file", "prefix")
     if backend == "sqlite":
         raw = t.get("path", _str, SQLITE_PATH_DEFAULT)
         wrong = {k: "only valid with backend = \"etcd\"" for k in etcd_keys}
         t.finish(wrong)
-        return SqliteState(ctx.path(raw)) if t.ok else None
+        return SqliteState(ctx.path(raw), source) if t.ok else None
     if backend != "etcd":
         t.known.update(sqlite_keys + etcd_keys)
         t.finish()
@@ -763,7 +771,7 @@ def _read_state(ctx: _Ctx, v: Any) -> SqliteState | EtcdState | None:
     if not t.ok or fleet is None:
         return None
     return EtcdState(endpoints, fleet[0], fleet[1], files["ca_file"], files["cert_file"],
-                     files["key_file"], prefix)
+                     files["key_file"], prefix, source)
 
 
 def _read_fleet_key(t: _Table) -> tuple[FleetKey, Path] | None:
@@ -926,7 +934,17 @@ def _check_routes(ctx: _Ctx, node: Node | None, declared: dict[str, str],
 _TOP = ("node", "tunnels", "routes", "state", "analytics")
 
 
-def _build(ctx: _Ctx, doc: dict[str, Any]) -> Config | None:
+def _build(ctx: _Ctx, doc: dict[str, Any], shared: dict[str, Any] | None = None) -> Config | None:
+    """``shared``: the ``tunnels`` and ``routes`` documents read from the store, used when the
+    file says ``[state] config_source = "store"`` (pipeline/fleet_config.py reads them)."""
+    st = doc.get("state")
+    if isinstance(st, dict) and st.get("config_source") == "store":
+        for k, what in (("tunnels", "[tunnels]"), ("routes", "[[routes]]")):
+            if k in doc:
+                ctx.error(k, f"{what} come from the store here ([state] config_source = "
+                             "\"store\"): remove them from this file and publish them with "
+                             "`xtransit config push`")
+        doc = {**doc, **(shared or {})}
     top = _Table(ctx, "", doc)
     node = _read_node(ctx, doc["node"]) if top.has("node") else None
     if "node" not in doc:
@@ -985,15 +1003,20 @@ def _build(ctx: _Ctx, doc: dict[str, Any]) -> Config | None:
 
 
 def loads(text: str, *, file: str = "<string>", base_dir: str | Path | None = None,
-          env: Mapping[str, str] | None = None) -> Config:
-    """Validate TOML text. Relative file paths (psk_file, ...) are resolved against base_dir."""
+          env: Mapping[str, str] | None = None, shared: dict[str, Any] | None = None,
+          shared_file: str = "state store") -> Config:
+    """Validate TOML text. Relative file paths (psk_file, ...) are resolved against base_dir.
+    ``shared``: tunnels and routes from the store, for ``config_source = "store"``; their
+    errors name ``shared_file``."""
     ctx = _Ctx(file, Path(base_dir) if base_dir is not None else Path.cwd(),
                os.environ if env is None else env)
+    if shared is not None:
+        ctx.shared_file = shared_file
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(file, None, f"TOML syntax error: {e}") from None
-    cfg = _build(ctx, doc)
+    cfg = _build(ctx, doc, shared)
     if ctx.errors or cfg is None:
         if len(ctx.errors) == 1:
             raise ctx.errors[0]
@@ -1001,7 +1024,8 @@ def loads(text: str, *, file: str = "<string>", base_dir: str | Path | None = No
     return cfg
 
 
-def load(path: str | Path, *, env: Mapping[str, str] | None = None) -> Config:
+def load(path: str | Path, *, env: Mapping[str, str] | None = None,
+         shared: dict[str, Any] | None = None, shared_file: str = "state store") -> Config:
     """Read and validate one config file; raise ConfigError (or ConfigErrors) on any problem."""
     file = str(path)
     p = Path(path)
@@ -1017,4 +1041,5 @@ def load(path: str | Path, *, env: Mapping[str, str] | None = None) -> Config:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ConfigError(file, None, f"not UTF-8 text (byte {e.start})") from None
-    return loads(text, file=file, base_dir=p.resolve().parent, env=env)
+    return loads(text, file=file, base_dir=p.resolve().parent, env=env, shared=shared,
+                 shared_file=shared_file)

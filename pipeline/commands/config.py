@@ -1,11 +1,15 @@
 """`xtransit config check FILE`: validate a config file and print what it describes.
+`xtransit config push -c NODE.toml FLEET.toml`: publish the fleet's tunnels and routes to the
+store, for nodes with ``[state] config_source = "store"`` (pipeline/fleet_config.py).
 
 Exit status 0 when the file is valid, 2 when it is not (every error is printed, one per line, on
-stderr). Pre-shared keys are never printed: only where they come from.
+stderr), 1 when the store cannot be reached. Pre-shared keys are never printed: only where they
+come from.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import click
 
@@ -96,17 +100,92 @@ def config() -> None:
     """Validate and inspect configuration files."""
 
 
+def _invalid(file: str, e: ConfigError) -> None:
+    for err in e.errors:
+        click.echo(str(err), err=True)
+    n = len(e.errors)
+    click.echo(f"{file}: {n} error{'s' if n != 1 else ''}", err=True)
+    raise SystemExit(EXIT_INVALID) from None
+
+
 @config.command("check")
 @click.argument("file", type=click.Path(dir_okay=True, path_type=str))
 def check(file: str) -> None:
-    """Validate FILE and print a summary; exit status 2 when it is invalid."""
+    """Validate FILE and print a summary; exit status 2 when it is invalid. With
+    ``[state] config_source = "store"`` the tunnels and routes are read from the store."""
+    from ..fleet_config import load_node
+    from ..store import StoreError
     try:
-        cfg = load(file)
+        cfg = load_node(file)
     except ConfigError as e:
-        for err in e.errors:
-            click.echo(str(err), err=True)
-        n = len(e.errors)
-        click.echo(f"{file}: {n} error{'s' if n != 1 else ''}", err=True)
-        raise SystemExit(EXIT_INVALID) from None
+        _invalid(file, e)
+    except StoreError as e:
+        click.echo(f"{file}: state store: {e}", err=True)
+        raise SystemExit(1) from None
     for line in summary(cfg):
         click.echo(line)
+    if cfg.state.config_source == "store":
+        click.echo("tunnels and routes: from the state store ([state] config_source)")
+
+
+@config.command("push")
+@click.option("--config", "-c", "node_file", required=True,
+              type=click.Path(dir_okay=False, path_type=str),
+              help="A node's configuration: its [state] names the store, its [node] is what "
+                   "the tunnels are checked against.")
+@click.option("--dry-run", is_flag=True, help="Validate and show what would change; write "
+                                               "nothing.")
+@click.argument("fleet_file", type=click.Path(dir_okay=False, path_type=str))
+def push(node_file: str, fleet_file: str, dry_run: bool) -> None:
+    """Publish FLEET_FILE's [tunnels] and [[routes]] to the state store: every node with
+    ``[state] config_source = "store"`` applies them live (map updates). Tunnels and routes
+    in the store that FLEET_FILE no longer has are deleted. Pre-shared keys are not written:
+    each node reads them from the psk_file / psk_env a tunnel names."""
+    import tomllib
+
+    from .. import fleet_config
+    from ..store import StoreError, open_store
+    try:
+        doc = tomllib.loads(Path(fleet_file).read_text(encoding="utf-8"))
+    except OSError as e:
+        click.echo(f"{fleet_file}: cannot read: {e.strerror}", err=True)
+        raise SystemExit(EXIT_INVALID) from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        click.echo(f"{fleet_file}: TOML syntax error: {e}", err=True)
+        raise SystemExit(EXIT_INVALID) from None
+    extra = sorted(set(doc) - {"tunnels", "routes"})
+    if extra:
+        click.echo(f"{fleet_file}: only [tunnels] and [[routes]] are published; "
+                   f"{', '.join(extra)} belong in each node's own file", err=True)
+        raise SystemExit(EXIT_INVALID)
+    try:
+        node = load(node_file)
+        if node.state.config_source != "store":
+            click.echo(f"{node_file}: [state] config_source is \"file\": nodes configured like "
+                       "this do not read the store; set config_source = \"store\"", err=True)
+            raise SystemExit(EXIT_INVALID)
+        shared = {"tunnels": doc.get("tunnels", {}), "routes": doc.get("routes", [])}
+        fleet = load(node_file, shared=shared, shared_file=fleet_file)
+    except ConfigError as e:
+        _invalid(f"{fleet_file} (checked against {node_file})", e)
+    try:
+        with open_store(fleet.state) as store:
+            layout = fleet_config.layout_for(fleet.state)
+            if dry_run:
+                current = fleet_config.read(store, layout)
+                click.echo(f"dry run: {len(fleet.tunnels)} tunnels and {len(fleet.routes)} "
+                           f"routes valid; the store holds "
+                           f"{sum(len(v) for v in current.shared['tunnels'].values())} tunnels "
+                           f"and {len(current.shared['routes'])} routes")
+                return
+            res = fleet_config.push(fleet, store, layout)
+    except StoreError as e:
+        click.echo(f"state store ([state] in {node_file}): {e}", err=True)
+        raise SystemExit(1) from None
+    for what, names in (("added", res.added), ("changed", res.changed),
+                        ("removed", res.removed)):
+        for n in names:
+            click.echo(f"{what:8} {n}")
+    click.echo(f"pushed: {len(res.added)} added, {len(res.changed)} changed, "
+               f"{len(res.removed)} removed, {res.unchanged} unchanged (store revision "
+               f"{res.revision})")

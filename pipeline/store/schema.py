@@ -262,6 +262,8 @@ def encode_tunnel(t: GreTunnel | IpsecTunnel) -> bytes:
                  "edge_endpoint": str(t.edge_endpoint),
                  "interface_address": str(t.interface_address),
                  "ttl": t.ttl, "mtu": t.mtu, "mss": t.mss}
+    if t.description:
+        obj["description"] = t.description
     if isinstance(t, GreTunnel):
         obj.update(customer_endpoint=str(t.customer_endpoint), key=t.key)
     else:
