@@ -52,7 +52,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import Config, ConfigError, SqliteState, load
+from .config import Config, ConfigError, SqliteState
 
 log = logging.getLogger("xtransit")
 
@@ -358,6 +358,12 @@ def _rx_queues(ifname: str) -> tuple[int, ...]:
     return tuple(range(min(n, MAX_RX_QUEUES)))
 
 
+def _wants_ipsec(cfg: Config) -> bool:
+    """IPsec machinery (ESP steering, AF_XDP worker, IKE) runs for IPsec tunnels, and always on
+    a node that takes its tunnels from the store (the fleet may add one at any time)."""
+    return bool(cfg.ipsec_tunnels) or cfg.state.config_source == "store"
+
+
 def _state_id(cfg: Config) -> tuple:
     """What identifies the store (an EtcdState's FleetKey compares by identity)."""
     s = cfg.state
@@ -396,8 +402,17 @@ class Edge:
         self.status_path: Path | None = None
 
     # --- start / stop ----------------------------------------------------------------------
+    def _load(self) -> Config:
+        """The file, and with ``config_source = "store"`` the fleet's tunnels and routes."""
+        from .fleet_config import load_node
+        from .store import StoreError
+        try:
+            return load_node(self.config_path)
+        except StoreError as e:
+            raise RunError(f"state store ([state] in {self.config_path}): {e}") from e
+
     def start(self) -> Edge:
-        cfg = load(self.config_path)           # ConfigError: exit status 2
+        cfg = self._load()                     # ConfigError: exit status 2
         self.config = cfg
         if os.geteuid() != 0:
             raise KernelFeatureMissing("needs root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN): "
@@ -405,9 +420,10 @@ class Edge:
         _check_interfaces(cfg)
         try:
             self._start_dataplane(cfg)
-            if cfg.ipsec_tunnels:
+            if _wants_ipsec(cfg):
                 self._start_ipsec(cfg)
             self._start_analytics()
+            self._watch_config(cfg)
         except BaseException:
             self.close()
             raise
@@ -436,7 +452,7 @@ class Edge:
         except ImportError as e:
             raise KernelFeatureMissing(f"cannot load the XDP loader ({e}): bcc missing? "
                                        "run `xtransit doctor`") from e
-        cflags = ESP_CFLAGS if cfg.ipsec_tunnels else ()
+        cflags = ESP_CFLAGS if _wants_ipsec(cfg) else ()
         try:
             self.dataplane = Dataplane(cfg, cflags=cflags).start()
         except LoadError as e:
@@ -503,8 +519,30 @@ class Edge:
         self.ike_shared = SharedIkeSas(self.engine, self.shared).start()
         self.ike = IkeServer(self.ike_shared, [str(a) for a in cfg.node.tunnel_endpoints])
 
+    def _watch_config(self, cfg: Config) -> None:
+        """``config_source = "store"``: a change under the tunnel or route prefix is a reload
+        (the same map updates as SIGHUP), within STATUS_INTERVAL_S."""
+        if cfg.state.config_source != "store":
+            return
+        from .fleet_config import ConfigWatch, layout_for
+        from .store import StoreError, open_store
+        try:
+            self._config_store = open_store(cfg.state)
+            rev = self._config_store.revision()
+            self.config_watch = ConfigWatch(self._config_store, layout_for(cfg.state), rev,
+                                            self._request_reload).start()
+        except StoreError as e:
+            raise RunError(f"state store ([state] in {cfg.path}): {e}") from e
+
     def close(self) -> None:
         """Stop everything that started, in reverse order. Idempotent."""
+        if getattr(self, "config_watch", None) is not None:
+            self.config_watch.stop()
+            self.config_watch = None
+        if getattr(self, "_config_store", None) is not None:
+            with contextlib.suppress(Exception):
+                self._config_store.close()
+            self._config_store = None
         if self.analytics is not None:
             with contextlib.suppress(Exception):
                 self.analytics.close()
@@ -586,17 +624,21 @@ class Edge:
         """Re-read the config; apply what can change by map updates. False if not applied."""
         old = self.config
         try:
-            new = load(self.config_path)
+            new = self._load()
         except ConfigError as e:
             event("config_reload_failed", level=logging.ERROR, file=self.config_path,
                   errors=len(e.errors), first=str(e.errors[0]))
+            return False
+        except RunError as e:
+            event("config_reload_failed", level=logging.ERROR, file=self.config_path,
+                  first=str(e))
             return False
         restart = []
         if new.node.interfaces != old.node.interfaces:
             restart.append("node.interfaces")
         if new.node.tunnel_endpoints != old.node.tunnel_endpoints and self.ike is not None:
             restart.append("node.tunnel_endpoints (IKE sockets)")
-        if bool(new.ipsec_tunnels) != bool(old.ipsec_tunnels):
+        if _wants_ipsec(new) != _wants_ipsec(old):
             restart.append("IPsec tunnels added to or all removed from a node")
         if _state_id(new) != _state_id(old) or new.node.id != old.node.id:
             restart.append("state / node.id")
@@ -606,7 +648,7 @@ class Edge:
             event("config_reload_failed", level=logging.ERROR, file=self.config_path,
                   first=f"data plane: {e}")
             return False
-        if self.datapath is not None and new.ipsec_tunnels:
+        if self.datapath is not None and _wants_ipsec(new):
             from .ike.tunnels import from_config
             from .ipsec import TunnelInfo
             for t in new.ipsec_tunnels:
