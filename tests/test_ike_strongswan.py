@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import subprocess
 import threading
 from pathlib import Path
@@ -260,9 +261,9 @@ def test_edge_rekeys_child_with_invalid_ke_retry_and_deletes_ike(topo):
 
 
 def test_liveness_then_peer_restart_old_sa_torn_down_as_dead(topo):
-    """Liveness checks are answered; after the router restarts (its DELETE lost; strongSwan
-    with unique=no sends no INITIAL_CONTACT, that path is covered in-memory), the old IKE SA
-    stops answering and is torn down with its Child SA, the new one stays."""
+    """Liveness checks are answered; after the router restarts (its DELETE lost; with peer.sh's
+    default remote ID %any strongSwan sends no INITIAL_CONTACT, see the next test), the old IKE
+    SA stops answering and is torn down with its Child SA, the new one stays."""
     _, cust, start = topo
     from dataclasses import replace
 
@@ -281,6 +282,46 @@ def test_liveness_then_peer_restart_old_sa_torn_down_as_dead(topo):
     assert e.engine.stats["ike_destroyed_peer_dead"] == 1
     assert len(e.call(lambda: e.engine.established_sas())) == 1
 
+
+
+def test_peer_restart_with_initial_contact_deletes_the_older_sas(topo):
+    """A router that restarts (its DELETE lost) and comes back with the same config sends
+    INITIAL_CONTACT in its first IKE_AUTH; the edge then deletes the tunnel's older IKE SA and
+    its Child SA at once (RFC 7296 3.16), with no liveness check involved (DPD off here).
+
+    strongSwan 5.9 adds INITIAL_CONTACT only when the peer config names a specific remote ID
+    (not %any) and unique is not "never" (its default "no" qualifies) and it has no IKE SA with
+    that peer yet (ike_auth.c build_i: ``idr && !idr->contains_wildcards(idr) && unique !=
+    UNIQUE_NEVER && !has_contact``). peer.sh defaults to --remote-id %any, so the test names
+    the edge's IDr (the FQDN the edge answers with)."""
+    _, cust, start = topo
+    e = start()
+    args = ("--id-type", "fqdn", "--id", FQDN, "--remote-id", f"fqdn:{FQDN}")
+    assert peer(cust, *args).returncode == 0
+    assert e.installer.wait_for(lambda sas: len(sas) == 1, 5)
+    (first,) = e.installer.sas.values()
+    (old_ike,) = e.call(lambda: e.engine.established_sas())
+    assert "N(INIT_CONTACT)" in peer_cmd(cust, "log").stdout       # also on the first start
+    e.pause()                      # charon's own DELETE on SIGTERM is lost, as in a crash
+    peer_cmd(cust, "down", "--no-delete")
+    e.resume()
+    assert e.call(lambda: e.engine.established_sas()) == [old_ike]   # the edge cannot know
+    assert peer(cust, *args).returncode == 0
+    charon_log = peer_cmd(cust, "log").stdout
+    assert re.search(r"generating IKE_AUTH request 1 \[ IDi N\(INIT_CONTACT\) IDr ", charon_log), \
+        charon_log[-3000:]
+    assert e.installer.wait_for(lambda sas: len(sas) == 1 and first.spi_in not in sas, 5)
+    (second,) = e.installer.sas.values()
+    assert e.installer.events == [("install", first.spi_in), ("delete", first.spi_in),
+                                  ("install", second.spi_in)]
+    (new_ike,) = e.call(lambda: e.engine.established_sas())
+    assert new_ike is not old_ike and new_ike.spi_i != old_ike.spi_i
+    assert e.engine.sas.get(old_ike.local_spi) is None
+    assert e.engine.stats["ike_destroyed_initial_contact"] == 1
+    assert e.engine.stats["ike_destroyed_peer_dead"] == 0
+    # the restarted router's SA is the one in use: its SPIs are the installed pair
+    status = peer_cmd(cust, "status").stdout
+    assert f"in  {second.spi_out:08x}" in status and f"out {second.spi_in:08x}" in status
 
 def _spoofed_ike_sa_init_flood(ns, count: int) -> None:
     """Real IKE_SA_INIT packets from spoofed sources 198.18.0.0/15 (raw IPv4, inside the lab)."""
