@@ -138,6 +138,40 @@ def test_stats_command_reads_pinned_maps(edge):
     assert f"unknown_tunnel  1  {len(stranger)}" in lines
 
 
+def test_stats_rates_and_watch_from_another_process(edge):
+    """`xtransit stats --rates` / `--watch --count 2`: packets per second over the interval,
+    read from the pins by a separate process while frames flow."""
+    import threading
+    _dp, cust, inet, path = edge
+    inner = IP(src="203.0.113.7", dst=OUTSIDE, ttl=64) / UDP()
+    frame = bytes(Ether(dst=EC, src=CC) / IP(src=CUSTOMER, dst=EDGE) / GRE() / inner)
+    stop = threading.Event()
+
+    def send() -> None:
+        while not stop.is_set():
+            cust.send(frame)
+            time.sleep(0.001)
+    t = threading.Thread(target=send)
+    t.start()
+    try:
+        runs = [subprocess.run([sys.executable, "-m", "pipeline.cli", "stats", "-c", str(path),
+                                *args, "--interval", "0.5"], capture_output=True, text=True,
+                               timeout=60, check=False)
+                for args in (("--rates",), ("--watch", "--count", "2"))]
+    finally:
+        stop.set()
+        t.join()
+    for proc in runs:
+        assert proc.returncode == 0, proc.stderr
+    rates, watched = (p.stdout.splitlines() for p in runs)
+    assert rates[0].split()[:3] == ["TUNNEL", "INDEX", "DECAP"]       # totals first
+    assert sum("UTC, rates over" in line for line in rates) == 1
+    assert sum("UTC, rates over" in line for line in watched) == 2
+    assert not any(line.startswith("TUNNEL  INDEX") for line in watched)
+    row = next(line.split() for line in watched[::-1] if line.startswith("plain"))
+    assert row[1:3] == ["0", "0"] and float(row[3].rstrip("kM")) > 0   # out (decap) only
+
+
 def xdp_mode(ns, ifname: str) -> str:
     """IFLA_XDP_ATTACHED as pyroute2 names it: none, xdp (native), xdpgeneric, xdpmulti."""
     with ns.ipr() as ipr:

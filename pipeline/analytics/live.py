@@ -42,12 +42,14 @@ def rate_lines(cfg, tick: Tick) -> list[str]:
 
 
 def watch(cfg, interval: float = 1.0, count: int | None = None,
-          echo: Callable[[str], None] | None = None, clear: bool | None = None) -> int:
+          echo: Callable[[str], None] | None = None, clear: bool | None = None,
+          sources: list | None = None) -> int:
     """Print the rates table every ``interval`` seconds (``count`` times, or until Ctrl-C).
-    Returns how many tables were printed. The screen is cleared between tables on a terminal."""
+    Returns how many tables were printed. The screen is cleared between tables on a terminal.
+    ``sources``: what to read (default: the pinned XDP maps of ``cfg``'s node)."""
     echo = echo or (lambda s: print(s, flush=True))
     clear = sys.stdout.isatty() if clear is None else clear
-    coll = Collector([XdpSource.for_config(cfg)], interval=interval)
+    coll = Collector(sources or [XdpSource.for_config(cfg)], interval=interval)
     coll.tick()
     shown = 0
     try:
