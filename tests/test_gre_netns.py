@@ -142,7 +142,7 @@ def test_stats_rates_and_watch_from_another_process(edge):
     """`xtransit stats --rates` / `--watch --count 2`: packets per second over the interval,
     read from the pins by a separate process while frames flow."""
     import threading
-    _dp, cust, inet, path = edge
+    _dp, cust, _inet, path = edge
     inner = IP(src="203.0.113.7", dst=OUTSIDE, ttl=64) / UDP()
     frame = bytes(Ether(dst=EC, src=CC) / IP(src=CUSTOMER, dst=EDGE) / GRE() / inner)
     stop = threading.Event()

@@ -45,7 +45,7 @@ def test_ipsec_rows_from_the_esp_module_gre_rows_from_the_maps():
         ["s", "2", "5", "500", "7", "700", "esp_in_auth_failed=2"]]
     assert lines[4:] == ["REASON  PACKETS  BYTES (node-wide)", "decap_forwarded  3  300",
                          "esp_steered  12  1200",
-                         "IPsec rows: decrypted (DECAP) and encrypted (ENCAP) by the ESP module "
-                         "(daemon status file)"]
+                         ("IPsec rows: decrypted (DECAP) and encrypted (ENCAP) by the ESP "
+                          "module (daemon status file)")]
     # without a daemon status file the IPsec row shows the XDP counters (zero)
     assert render(cfg, counters)[2].split() == ["s", "2", "0", "0", "0", "0", "-"]
