@@ -122,9 +122,19 @@ def decrypt_esp(esp: bytes, row: list[str]) -> tuple[int, bytes]:
 
 # --- the daemon with a strongSwan peer --------------------------------------------------------
 
+def peer_up(cust, *args: str) -> None:
+    up = subprocess.run(
+        [str(PEER_SH), "up", "--ns", cust.name, "--local", "10.99.0.2/24", "--remote",
+         "192.0.2.1", "--id-type", "keyid", "--id", KEYID, "--psk", PSK, "--timeout", "10",
+         "--retries", "2", *args],
+        check=False, capture_output=True, text=True, timeout=60)
+    assert up.returncode == 0, up.stderr[-2000:]
+
+
 @pytest.fixture
 def edge_and_peer(lab, tmp_path, request):
-    esp = request.param
+    """The daemon with one IPsec tunnel (site-b) and strongSwan up as its customer; the
+    parameter is peer.sh's extra arguments, e.g. ("--esp", "aes256gcm16")."""
     edge, cust = lab.namespace("sa"), lab.namespace("sw")
     lab.veth(cust, "c0", edge, "e0", "10.99.0.2/24", "10.99.0.1/24")
     edge.add_address("lo", "192.0.2.1/32")
@@ -139,14 +149,9 @@ def edge_and_peer(lab, tmp_path, request):
     log = Log(proc)
     try:
         log.wait("started", 90)
-        up = subprocess.run(
-            [str(PEER_SH), "up", "--ns", cust.name, "--local", "10.99.0.2/24", "--remote",
-             "192.0.2.1", "--id-type", "keyid", "--id", KEYID, "--psk", PSK, "--esp", esp,
-             "--timeout", "10", "--retries", "2"],
-            check=False, capture_output=True, text=True, timeout=60)
-        assert up.returncode == 0, up.stderr[-2000:]
+        peer_up(cust, *request.param)
         log.wait("sa_installed", 10)
-        yield proc, log, cfg, node, edge, cust, esp
+        yield proc, log, cfg, node, edge, cust, request.param
     finally:
         subprocess.run([str(PEER_SH), "down", "--ns", cust.name], check=False,
                        capture_output=True, timeout=30)
@@ -155,9 +160,10 @@ def edge_and_peer(lab, tmp_path, request):
 
 @pytest.mark.netns
 @pytest.mark.peer
-@pytest.mark.parametrize("edge_and_peer", ["aes256gcm16", "aes128-sha256"], indirect=True)
+@pytest.mark.parametrize("edge_and_peer", [("--esp", "aes256gcm16"), ("--esp", "aes128-sha256")],
+                         indirect=True, ids=["aes256gcm16", "aes128-sha256"])
 def test_list_and_export_keys_with_strongswan(edge_and_peer, lab, tmp_path):
-    proc, log, cfg, node, _edge, cust, esp = edge_and_peer
+    proc, log, cfg, node, _edge, cust, (_, esp) = edge_and_peer
     sw = swanctl_sas(cust.name)
     want_esp = {"aes256gcm16": "AES_GCM_16-256", "aes128-sha256": "AES_CBC-128/HMAC_SHA2_256_128"}
 
@@ -368,3 +374,55 @@ def test_control_socket_serves_root_only(lab):
             assert not sock.exists()
         finally:
             _stop(proc)
+
+
+def _sa_list(cfg: Path, *, check: bool = True) -> list[dict]:
+    r = cli("sa", "list", "-c", str(cfg), "--json")
+    if not check and r.returncode != 0:
+        return []                   # the daemon writes its first status file within a second
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+EDGE_IDR = "fqdn:f5407d8db1a542b196c59f6d04ba8bd1.123456789.ipsec.example.net"
+
+
+@pytest.mark.netns
+@pytest.mark.peer
+@pytest.mark.parametrize("edge_and_peer", [("--remote-id", EDGE_IDR)], indirect=True,
+                         ids=["remote-id"])
+def test_router_crash_and_restart_initial_contact_clears_the_data_path(edge_and_peer):
+    """The router crashes (charon SIGKILLed: no DELETE) and starts again with the same config;
+    its INITIAL_CONTACT (strongSwan sends it when the remote ID is specific, see
+    test_ike_strongswan.py) makes the daemon delete the older IKE SA and its Child SA, in the
+    native ESP data path too: `sa list` and the data path's SAs hold only the new pair."""
+    _proc, log, cfg, node, _edge, cust, args = edge_and_peer
+    assert _wait(lambda: [len(x["children"]) for x in _sa_list(cfg, check=False)] == [1], 5)
+    (old,) = _sa_list(cfg)
+    state = Path(os.environ.get("TMPDIR", "/tmp")) / "swan-peer" / cust.name
+    os.kill(int((state / "run" / "charon.pid").read_text()), signal.SIGKILL)
+    subprocess.run([str(PEER_SH), "down", "--ns", cust.name, "--no-delete"], check=True,
+                   capture_output=True, timeout=30)
+    peer_up(cust, *args)
+    sw = swanctl_sas(cust.name)
+    assert sw["spi_i"] != old["ike_spi_i"]
+
+    down = log.wait("ike_sa_down", 10)
+    assert (down["reason"], down["ike_sa"], down["tunnel"]) == (
+        "initial_contact", f"{old['ike_spi_i']}/{old['ike_spi_r']}", "site-b")
+    old_spi = old["children"][0]["spi_in"]
+    assert log.wait("sa_deleted", 10)["spi_in"] == f"0x{old_spi}"
+
+    def settled() -> bool:
+        rows = _sa_list(cfg)
+        return len(rows) == 1 and rows[0]["ike_spi_i"] == sw["spi_i"]
+    assert _wait(settled, 5)
+    (new,) = _sa_list(cfg)
+    assert (new["ike_spi_i"], new["ike_spi_r"], new["state"]) == (sw["spi_i"], sw["spi_r"],
+                                                                  "established")
+    assert [(c["spi_in"], c["spi_out"]) for c in new["children"]] == [(sw["peer_out"],
+                                                                      sw["peer_in"])]
+    status = json.loads((RUN_ROOT / node / "status.json").read_text())
+    in_dp = {(x["direction"], f"{x['spi']:08x}")
+             for x in status["ipsec"]["tunnels"]["site-b"]["sas"]}
+    assert in_dp == {("in", sw["peer_out"]), ("out", sw["peer_in"])}
