@@ -63,7 +63,7 @@ ROUTE_PRIORITY_DEFAULT = 100
 SAMPLE_RATE_DEFAULT = 1000
 HTTP_PORT_DEFAULT = 9469
 HTTP_ADDRESS_DEFAULT = IPv4Address("127.0.0.1")
-HISTORY_INTERVAL_DEFAULT, HISTORY_RETENTION_DEFAULT = 60, 7 * 24 * 3600
+HISTORY_INTERVAL_DEFAULT, HISTORY_RETENTION_DEFAULT = 60, 30 * 24 * 3600   # 1-minute points, 30 days
 SQLITE_PATH_DEFAULT = "/var/lib/xtransit/state.db"
 # analytics history (pipeline/analytics/store.py): 1-second points kept this long, the file's
 # size bound, and dropped-frame samples per CPU per second (bpf/sample.h)

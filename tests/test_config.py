@@ -153,7 +153,7 @@ def test_edge_example_loads_exact_values():
         C.Route(ip_network("2001:db8:100::/48"), "site-a", 100),
     )
     assert cfg.state == C.SqliteState(Path("/var/lib/xtransit/state.db"))
-    assert cfg.analytics == C.Analytics(1000, IPv4Address("127.0.0.1"), 9469, 60, 604800)
+    assert cfg.analytics == C.Analytics(1000, IPv4Address("127.0.0.1"), 9469, 60, 2592000)
     assert [t.name for t in cfg.tunnels] == ["site-a", "site-b"]
     assert cfg.tunnel("site-b") is ips
     assert cfg.routes_for("site-a") == (cfg.routes[0], cfg.routes[3])
@@ -166,7 +166,7 @@ def test_minimal_example_defaults():
     assert cfg.node.interfaces == (C.Interface("eth0", "both", "native"),)
     assert (cfg.gre_tunnels, cfg.ipsec_tunnels, cfg.routes) == ((), (), ())
     assert cfg.state == C.SqliteState(Path("/var/lib/xtransit/state.db"))
-    assert cfg.analytics == C.Analytics(1000, IPv4Address("127.0.0.1"), 9469, 60, 7 * 86400)
+    assert cfg.analytics == C.Analytics(1000, IPv4Address("127.0.0.1"), 9469, 60, 30 * 86400)
 
 
 @pytest.fixture
@@ -713,7 +713,7 @@ def test_cli_check_good_file_prints_summary():
     assert ["203.0.113.128/25", "site-b", "200"] in rows
     assert ["2001:db8:100::/48", "site-a", "100"] in rows
     assert "state       sqlite /var/lib/xtransit/state.db" in lines
-    assert "analytics   1 in 1000 packets, http 127.0.0.1:9469, history 1m for 7d" in lines
+    assert "analytics   1 in 1000 packets, http 127.0.0.1:9469, history 1m for 30d" in lines
     assert EDGE_PSK.decode() not in r.output
 
 
