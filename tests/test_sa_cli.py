@@ -426,3 +426,65 @@ def test_router_crash_and_restart_initial_contact_clears_the_data_path(edge_and_
     in_dp = {(x["direction"], f"{x['spi']:08x}")
              for x in status["ipsec"]["tunnels"]["site-b"]["sas"]}
     assert in_dp == {("in", sw["peer_out"]), ("out", sw["peer_in"])}
+
+
+# --- the control socket alone: bad input gets a clear answer, never a crash or a hang ---------
+
+def test_control_socket_answers_bad_requests(tmp_path, monkeypatch):
+    import asyncio
+
+    from pipeline import control
+    monkeypatch.setattr(control, "REQUEST_TIMEOUT_S", 0.3)
+    path = tmp_path / "n" / "control.sock"
+    calls = []
+
+    def export(uid):
+        calls.append(uid)
+        return {"esp_sa": "x\n"}
+
+    def broken(uid):
+        raise ValueError("boom")
+
+    def raw(data: bytes | None) -> dict:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(5)
+            s.connect(str(path))
+            if data is not None:
+                s.sendall(data)
+            buf = b""
+            while chunk := s.recv(65536):
+                buf += chunk
+        return json.loads(buf)
+
+    async def main():
+        path.parent.mkdir()
+        path.write_text("stale")          # a leftover file is replaced
+        path.unlink()
+        stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        stale.bind(str(path))             # a socket nobody listens on: replaced
+        stale.close()
+        srv = await control.ControlServer(path, {"export-keys": export,
+                                                 "broken": broken}).start()
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        with pytest.raises(control.ControlError, match="another daemon answers on it"):
+            await control.ControlServer(path, {}).start()
+        run = asyncio.get_running_loop().run_in_executor
+        try:
+            bad = {"ok": False, "error": 'bad request: expected one line {"request": NAME}'}
+            assert await run(None, raw, b"not json\n") == bad
+            assert await run(None, raw, b'{"req": 1}\n') == bad
+            assert await run(None, raw, b"x" * 10000 + b"\n") == bad     # over MAX_REQUEST
+            assert await run(None, raw, None) == bad                    # silent: timed out
+            assert await run(None, raw, b'{"request": "nope"}\n') == {
+                "ok": False, "error": "unknown request 'nope'; known: broken, export-keys"}
+            assert await run(None, raw, b'{"request": "broken"}\n') == {
+                "ok": False, "error": "ValueError: boom"}
+            got = await run(None, control.request, path, "export-keys")
+            assert got == {"ok": True, "esp_sa": "x\n"} and calls == [os.getuid()]
+        finally:
+            await srv.close()
+        assert not path.exists()
+
+    asyncio.run(main())
+    with pytest.raises(control.ControlError, match="no control socket at"):
+        control.request(path, "export-keys")
