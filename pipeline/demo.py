@@ -524,9 +524,23 @@ class Demo:
             return {}
 
     def stats(self) -> None:
-        step("Per-tunnel counters: `xtransit stats demo-output/edge.toml` (XDP maps)")
+        step("Tunnels: `xtransit tunnel list -c demo-output/edge.toml`")
+        proc = subprocess.run([PY, "-m", "pipeline.cli", "tunnel", "list", "-c",
+                               str(self.out / "edge.toml"), "--json"],
+                              check=False, capture_output=True, text=True, cwd=REPO)
+        try:
+            rows = json.loads(proc.stdout)
+        except ValueError:
+            rows = []
+            say(f"  {proc.stderr.strip()[-300:]}")
+        from pipeline.commands.tunnel import render as render_tunnels
+        for line in render_tunnels(rows):
+            say(f"  {line}")
+        self.results["tunnel states"] = {r["name"]: r["state"] for r in rows}
+        step("Per-tunnel counters: `xtransit stats -c demo-output/edge.toml` (XDP maps; IPsec "
+             "rows from the ESP module)")
         for cfg, who in (("edge.toml", "edge"), ("gre-cpe.toml", "GRE customer router")):
-            proc = subprocess.run([PY, "-m", "pipeline.cli", "stats", str(self.out / cfg)],
+            proc = subprocess.run([PY, "-m", "pipeline.cli", "stats", "-c", str(self.out / cfg)],
                                   check=False, capture_output=True, text=True, cwd=REPO)
             say(f"  -- {who}")
             for line in (proc.stdout or proc.stderr).splitlines():
@@ -592,8 +606,11 @@ class Demo:
         step("Look around (while the demo waits)")
         n = self.ns
         o = self.out.relative_to(REPO)
-        say(f"  .venv/bin/xtransit stats {o}/edge.toml")
-        say(f"  .venv/bin/xtransit stats {o}/gre-cpe.toml")
+        say(f"  .venv/bin/xtransit tunnel list -c {o}/edge.toml      # state, SAs, packets")
+        say(f"  .venv/bin/xtransit sa list -c {o}/edge.toml          # IKE and Child SAs")
+        say(f"  .venv/bin/xtransit stats -c {o}/edge.toml --watch    # rates, Ctrl-C to stop")
+        say(f"  .venv/bin/xtransit stats -c {o}/gre-cpe.toml")
+        say(f"  .venv/bin/xtransit analytics top -c {o}/edge.toml --tunnel site-gre --since 10m")
         say(f"  cat /run/xtransit/{self.edge_node}/status.json   # IKE/Child SAs, ESP counters")
         say(f"  tail -f {o}/edge.log                           # one JSON line per event")
         say(f"  .venv/bin/xtransit analytics -c {o}/edge.toml --tunnel site-gre --since 10m")

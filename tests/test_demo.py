@@ -68,6 +68,7 @@ def test_traffic_both_ways_through_both_tunnels(demo):
     lost = r["burst ipsec not encrypted"]
     assert r["burst site-ipsec"] + lost.get("k_rx_dropped", 0) + lost.get("k_rx_ring_full", 0) \
         == 2000, lost
+    assert r["tunnel states"] == {"site-gre": "up", "site-ipsec": "up"}
     c = r["counters"]
     for tunnel in ("site-gre", "site-ipsec"):
         assert c[tunnel]["decap_packets"] > 0, tunnel        # customer -> Internet
