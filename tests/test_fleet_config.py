@@ -222,3 +222,26 @@ def test_a_running_node_applies_a_push_live(lab, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def test_the_shipped_fleet_example_pushes_and_loads(tmp_path, monkeypatch):
+    """examples/fleet/: a store-configured node and the fleet's tunnels file."""
+    node = tmp_path / "node.toml"
+    node.write_text((REPO / "examples/fleet/node.toml").read_text().replace(
+        "/var/lib/xtransit/state.db", str(tmp_path / "state.db")))
+    env = dict(os.environ, SITE_C_PSK=PSK)
+    cmd = [sys.executable, "-m", "pipeline.cli", "config", "push", "-c", str(node),
+           str(REPO / "examples/fleet/tunnels.toml")]
+    dry = subprocess.run([*cmd, "--dry-run"], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=60, check=False)
+    assert dry.returncode == 0, dry.stderr
+    assert dry.stdout.strip() == ("dry run: 2 tunnels and 2 routes valid; the store holds "
+                                  "0 tunnels and 0 routes")
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
+                       check=False)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[-1].startswith("pushed: 4 added, 0 changed, 0 removed")
+    monkeypatch.setenv("SITE_C_PSK", PSK)
+    cfg = fleet_config.load_node(node)
+    assert [(t.name, t.index) for t in cfg.tunnels] == [("branch-1", 1), ("site-c", 2)]
+    assert sorted(str(r.prefix) for r in cfg.routes) == ["10.30.0.0/16", "172.21.0.0/16"]
