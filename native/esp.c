@@ -8,6 +8,7 @@
 #include "esp_internal.h" /* first: it sets OPENSSL_SUPPRESS_DEPRECATED */
 
 #include <openssl/crypto.h>
+#include <openssl/err.h>
 
 /* ---- names ----------------------------------------------------------------------------------- */
 
@@ -106,17 +107,26 @@ void xt_hmac_compute(const struct xt_hmac *h, const uint8_t *data, size_t len, u
 
 /* ---- SA objects --------------------------------------------------------------------------------- */
 
+static void slot_free(struct xt_sa_slot *s)
+{
+    if (!s)
+        return;
+    EVP_CIPHER_CTX_free(s->cipher); /* frees (and wipes) the key schedule too */
+    EVP_CIPHER_CTX_free(s->ivgen);
+    free(s);
+}
+
+/* Only after the grace period (esp_internal.h): no worker can still hold sa or its slots. */
 static void sa_free(struct xt_sa *sa)
 {
     if (!sa)
         return;
-    for (unsigned i = 0; i < sa->n_slots; i++) {
-        EVP_CIPHER_CTX_free(sa->slots[i].cipher);
-        EVP_CIPHER_CTX_free(sa->slots[i].ivgen);
-    }
+    for (unsigned i = 0; i < sa->n_slots; i++)
+        slot_free(atomic_load_explicit(&sa->slots[i], memory_order_acquire));
     xt_replay_free(sa->replay);
     OPENSSL_cleanse(&sa->hmac, sizeof(sa->hmac));
     OPENSSL_cleanse(sa->salt, sizeof(sa->salt));
+    OPENSSL_cleanse(sa->enc_key, sizeof(sa->enc_key));
     free(sa);
 }
 
@@ -175,24 +185,25 @@ static const EVP_CIPHER *cipher_for(uint8_t enc, uint8_t key_len, int ecb)
     return key_len == 16 ? EVP_aes_128_cbc() : EVP_aes_256_cbc();
 }
 
-static int slot_init(struct xt_sa *sa, struct xt_sa_slot *s, const struct xt_esp_sa_params *p)
+/* Key the cipher context(s) of one slot from the key kept in the SA. */
+static int slot_init(const struct xt_sa *sa, struct xt_sa_slot *s)
 {
-    if (p->enc_alg == XT_ESP_ENC_NULL)
+    if (sa->enc == XT_ESP_ENC_NULL)
         return 0;
-    int enc = p->direction == XT_ESP_DIR_OUT;
-    const EVP_CIPHER *c = cipher_for(p->enc_alg, p->enc_key_len, 0);
+    int enc = sa->dir == XT_ESP_DIR_OUT;
+    const EVP_CIPHER *c = cipher_for(sa->enc, sa->enc_key_len, 0);
     s->cipher = EVP_CIPHER_CTX_new();
     if (!s->cipher)
         return XT_ESP_E_NOMEM;
     if (!EVP_CipherInit_ex(s->cipher, c, NULL, NULL, NULL, enc))
         return XT_ESP_E_CRYPTO;
-    if (p->enc_alg == XT_ESP_ENC_AES_GCM_16) {
+    if (sa->enc == XT_ESP_ENC_AES_GCM_16) {
         if (!EVP_CIPHER_CTX_ctrl(s->cipher, EVP_CTRL_GCM_SET_IVLEN, 12, NULL))
             return XT_ESP_E_CRYPTO;
     }
-    if (!EVP_CipherInit_ex(s->cipher, NULL, NULL, p->enc_key, NULL, enc))
+    if (!EVP_CipherInit_ex(s->cipher, NULL, NULL, sa->enc_key, NULL, enc))
         return XT_ESP_E_CRYPTO;
-    if (p->enc_alg == XT_ESP_ENC_AES_CBC) {
+    if (sa->enc == XT_ESP_ENC_AES_CBC) {
         EVP_CIPHER_CTX_set_padding(s->cipher, 0); /* ESP pads itself */
         if (enc) {
             /* NIST SP 800-38A Appendix C: an unpredictable CBC IV as the forward cipher of a nonce
@@ -200,14 +211,36 @@ static int slot_init(struct xt_sa *sa, struct xt_sa_slot *s, const struct xt_esp
             s->ivgen = EVP_CIPHER_CTX_new();
             if (!s->ivgen)
                 return XT_ESP_E_NOMEM;
-            if (!EVP_EncryptInit_ex(s->ivgen, cipher_for(p->enc_alg, p->enc_key_len, 1), NULL,
-                                    p->enc_key, NULL))
+            if (!EVP_EncryptInit_ex(s->ivgen, cipher_for(sa->enc, sa->enc_key_len, 1), NULL,
+                                    sa->enc_key, NULL))
                 return XT_ESP_E_CRYPTO;
             EVP_CIPHER_CTX_set_padding(s->ivgen, 0);
         }
     }
-    (void)sa;
     return 0;
+}
+
+/* Called by the worker that owns slot w->slot, on its first packet for sa (esp_internal.h, "Lazy
+ * slots"). Runs inside the worker's batch, so sa cannot be freed meanwhile. */
+struct xt_sa_slot *xt_slot_create(struct xt_esp_worker *w, struct xt_sa *sa)
+{
+    struct xt_esp_ctx *ctx = w->ctx;
+    unsigned f = atomic_load_explicit(&ctx->test_fail_slots, memory_order_relaxed);
+    while (f && !atomic_compare_exchange_weak(&ctx->test_fail_slots, &f, f - 1))
+        ;
+    if (f) /* TEST HOOK: as if OpenSSL or malloc had failed */
+        return NULL;
+    struct xt_sa_slot *s = aligned_alloc(XT_CACHELINE, sizeof(*s)); /* size is a multiple of 64 */
+    if (!s)
+        return NULL;
+    memset(s, 0, sizeof(*s));
+    if (slot_init(sa, s) != 0) {
+        slot_free(s);
+        ERR_clear_error(); /* this thread's OpenSSL error queue must not grow per failure */
+        return NULL;
+    }
+    atomic_store_explicit(&sa->slots[w->slot], s, memory_order_release);
+    return s;
 }
 
 static int sa_new(const struct xt_esp_ctx *ctx, const struct xt_esp_sa_params *p, struct xt_sa **out)
@@ -215,7 +248,8 @@ static int sa_new(const struct xt_esp_ctx *ctx, const struct xt_esp_sa_params *p
     int err = validate(p);
     if (err)
         return err;
-    size_t sz = sizeof(struct xt_sa) + ctx->max_workers * sizeof(struct xt_sa_slot);
+    /* No cipher context here: each worker keys its own on its first packet (xt_slot_create). */
+    size_t sz = sizeof(struct xt_sa) + ctx->max_workers * sizeof(struct xt_sa_slot *);
     struct xt_sa *sa = aligned_alloc(XT_CACHELINE, (sz + XT_CACHELINE - 1) & ~(size_t)(XT_CACHELINE - 1));
     if (!sa)
         return XT_ESP_E_NOMEM;
@@ -231,6 +265,10 @@ static int sa_new(const struct xt_esp_ctx *ctx, const struct xt_esp_sa_params *p
     sa->auth = p->auth_alg;
     sa->ttl = p->ttl ? p->ttl : 64;
     memcpy(sa->salt, p->salt, 4);
+    if (p->enc_alg != XT_ESP_ENC_NULL) {
+        sa->enc_key_len = p->enc_key_len; /* 16 or 32: validate() checked it */
+        memcpy(sa->enc_key, p->enc_key, p->enc_key_len);
+    }
     memcpy(sa->local, p->local_addr, 4);
     memcpy(sa->remote, p->remote_addr, 4);
     sa->sport = p->encap_sport;
@@ -258,12 +296,8 @@ static int sa_new(const struct xt_esp_ctx *ctx, const struct xt_esp_sa_params *p
             return XT_ESP_E_NOMEM;
         }
     }
-    for (unsigned i = 0; i < sa->n_slots; i++) {
-        if ((err = slot_init(sa, &sa->slots[i], p))) {
-            sa_free(sa);
-            return err;
-        }
-    }
+    for (unsigned i = 0; i < sa->n_slots; i++)
+        atomic_init(&sa->slots[i], NULL);
     *out = sa;
     return 0;
 }
@@ -483,8 +517,12 @@ int xt_esp_sa_stats(struct xt_esp_ctx *ctx, uint8_t direction, uint32_t key, str
         return XT_ESP_E_NOT_FOUND;
     }
     struct xt_counters acc = {0};
-    for (unsigned i = 0; i < sa->n_slots; i++)
-        sum_counters(&acc, &sa->slots[i].c);
+    for (unsigned i = 0; i < sa->n_slots; i++) {
+        const struct xt_sa_slot *s = atomic_load_explicit(&sa->slots[i], memory_order_acquire);
+        if (s)
+            sum_counters(&acc, &s->c);
+    }
+    acc.drops[XT_ESP_V_CRYPTO_ERROR] += atomic_load_explicit(&sa->slot_failures, memory_order_relaxed);
     out->packets = acc.packets;
     out->bytes = acc.bytes;
     memcpy(out->drops, acc.drops, sizeof(out->drops));
@@ -503,6 +541,27 @@ int xt_esp_sa_stats(struct xt_esp_ctx *ctx, uint8_t direction, uint32_t key, str
         atomic_flag_clear_explicit(&sa->replay_lock, memory_order_release);
     }
     pthread_mutex_unlock(&ctx->wlock);
+    return 0;
+}
+
+int xt_esp_sa_slots(struct xt_esp_ctx *ctx, uint8_t direction, uint32_t key)
+{
+    if (!ctx || direction > XT_ESP_DIR_OUT)
+        return XT_ESP_E_INVAL;
+    pthread_mutex_lock(&ctx->wlock);
+    struct xt_sa *sa = xt_lookup(&ctx->tab[direction], key);
+    int n = sa ? 0 : XT_ESP_E_NOT_FOUND;
+    for (unsigned i = 0; sa && i < sa->n_slots; i++)
+        n += atomic_load_explicit(&sa->slots[i], memory_order_acquire) != NULL;
+    pthread_mutex_unlock(&ctx->wlock);
+    return n;
+}
+
+int xt_esp_test_fail_slot_setup(struct xt_esp_ctx *ctx, unsigned n)
+{
+    if (!ctx)
+        return XT_ESP_E_INVAL;
+    atomic_store(&ctx->test_fail_slots, n);
     return 0;
 }
 

@@ -14,8 +14,14 @@
  *                         cipher contexts of its slot and the epoch used for safe SA reclamation.
  *                         A worker must only be used by one thread at a time. An EVP context is
  *                         not thread-safe, so "one context per SA and direction, reused" is one
- *                         per SA and worker slot, keyed once at xt_esp_sa_add (about 1-2.5 KB of
- *                         memory per SA and slot for GCM); per packet only the IV is set.
+ *                         per SA and worker slot. It is created lazily: xt_esp_sa_add keeps the
+ *                         key in the SA, and a worker keys its own slot (counters and context:
+ *                         RSS growth about 1.6 KB for GCM, 1.1 KB for CBC inbound) on the first
+ *                         packet it processes for that SA, so an SA costs nothing (8 bytes) per
+ *                         worker that never sees its traffic (idle inbound SA with the default
+ *                         replay window: about 0.9 KB). That first packet allocates; every
+ *                         later one sets only the IV. A failed set-up drops the packet as
+ *                         crypto_error (counted per SA); the next one retries.
  *   struct xt_pkt         one frame in a caller-owned buffer (an AF_XDP UMEM frame, a Python
  *                         bytearray, ...): `data` points at the packet, with `headroom` free bytes
  *                         before it and `tailroom` free bytes after data + len.
@@ -97,7 +103,9 @@
 #define XT_ESP_E_MODE -11
 #define XT_ESP_E_BUSY -12
 
-/* One SA. Keys are copied into OpenSSL contexts at add time; the caller should wipe this struct. */
+/* One SA. Keys are copied into the SA at add time (the encryption key stays there, for the
+ * workers' lazy context set-up, and is wiped when the SA is freed); the caller should wipe this
+ * struct. */
 struct xt_esp_sa_params {
     uint32_t spi;          /* host order; 0 is reserved (RFC 4303 2.1) and refused */
     uint32_t tunnel_id;    /* outbound: lookup key of the SA; inbound: reported in xt_pkt.tunnel */
@@ -175,6 +183,9 @@ int xt_esp_sa_stats(struct xt_esp_ctx *ctx, uint8_t direction, uint32_t key,
                     struct xt_esp_sa_stats *out);
 void xt_esp_ctx_stats(struct xt_esp_ctx *ctx, struct xt_esp_ctx_stats *out);
 unsigned xt_esp_reclaim(struct xt_esp_ctx *ctx); /* frees what it can, returns how many */
+/* How many worker slots of the SA are set up (counters and cipher context, created lazily by
+ * each worker's first packet for it); 0 for an SA no worker has seen yet, or a negative error. */
+int xt_esp_sa_slots(struct xt_esp_ctx *ctx, uint8_t direction, uint32_t key);
 
 /* Batches */
 unsigned xt_esp_decrypt_batch(struct xt_esp_worker *w, struct xt_pkt *pkts, unsigned n);
@@ -193,6 +204,10 @@ const char *xt_esp_strerror(int err);
  * recorded packet can be reproduced byte for byte. Never called by the data or control plane. */
 int xt_esp_test_set_next(struct xt_esp_ctx *ctx, uint32_t tunnel_id, uint64_t next_seq,
                          uint64_t next_iv_counter);
+
+/* TEST HOOK (tests only): the next n lazy slot set-ups in ctx fail, as if malloc or OpenSSL had
+ * (the packets are dropped as crypto_error). */
+int xt_esp_test_fail_slot_setup(struct xt_esp_ctx *ctx, unsigned n);
 
 /* TEST HOOK (tests only): the SA's HMAC (alg XT_ESP_AUTH_HMAC_*) over data, full digest to out
  * (32 bytes room). Returns the ICV length on the wire, or XT_ESP_E_ALG. */
@@ -226,7 +241,8 @@ uint64_t xt_esp_bench_raw_gcm(unsigned key_len, unsigned size, unsigned iters);
     X(FRAGMENTED, 12, "fragmented")          /* outer IP fragment */         \
     X(NO_ROOM, 13, "no_room")                /* headroom/tailroom short */   \
     X(UNKNOWN_TUNNEL, 14, "unknown_tunnel")  /* outbound: no SA */          \
-    X(BAD_CHECKSUM, 15, "bad_checksum")      /* outer IPv4 header checksum */
+    X(BAD_CHECKSUM, 15, "bad_checksum")      /* outer IPv4 header checksum */\
+    X(CRYPTO_ERROR, 16, "crypto_error")      /* cipher set-up or OpenSSL failed */
 
 enum xt_esp_verdict {
 #define XT_ESP_VERDICT_ENUM(name, num, str) XT_ESP_V_##name = num,

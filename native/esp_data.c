@@ -96,6 +96,24 @@ static inline void lifetime_account(struct xt_sa *sa, uint32_t bytes)
         atomic_fetch_or(&sa->lt_flags, f);
 }
 
+/* Count one packet's verdict: in the worker's slot of its SA, in the context's counters when no
+ * SA was found, or (the slot could not be set up: crypto_error) in the SA's failure counter. */
+static inline void count(struct xt_esp_worker *w, struct xt_sa *sa, struct xt_sa_slot *slot,
+                         unsigned v, uint32_t bytes)
+{
+    if (unlikely(sa && !slot)) {
+        atomic_fetch_add_explicit(&sa->slot_failures, 1, memory_order_relaxed);
+        return;
+    }
+    struct xt_counters *c = slot ? &slot->c : &w->c;
+    if (v == XT_ESP_V_OK) {
+        XT_CTR_ADD(c->packets, 1);
+        XT_CTR_ADD(c->bytes, bytes);
+    } else {
+        XT_CTR_ADD(c->drops[v], 1);
+    }
+}
+
 /* Inner packet check: an IPv4/IPv6 packet of the version that the next header announced, whose own
  * length fits in `avail` bytes. Returns its length, or 0 when malformed. */
 static uint32_t inner_len(const uint8_t *p, uint32_t avail, uint8_t nh)
@@ -187,7 +205,8 @@ static unsigned parse_outer(const uint8_t *p, uint32_t len, uint32_t *esp_off, u
     return XT_ESP_V_OK;
 }
 
-static unsigned decrypt_one(struct xt_esp_worker *w, struct xt_pkt *pk, struct xt_sa **sa_out)
+static unsigned decrypt_one(struct xt_esp_worker *w, struct xt_pkt *pk, struct xt_sa **sa_out,
+                            struct xt_sa_slot **slot_out)
 {
     uint8_t *p = pk->data;
     uint32_t esp_off, end, nh_off, hlen;
@@ -208,7 +227,11 @@ static unsigned decrypt_one(struct xt_esp_worker *w, struct xt_pkt *pk, struct x
     *sa_out = sa;
     pk->spi = spi;
     pk->tunnel = sa->tunnel_id;
-    struct xt_sa_slot *slot = &sa->slots[w->slot];
+    /* This worker's counters and cipher context for the SA, set up on its first packet. */
+    struct xt_sa_slot *slot = xt_slot_get(w, sa);
+    if (unlikely(!slot))
+        return XT_ESP_V_CRYPTO_ERROR;
+    *slot_out = slot;
 
     if (unlikely(lifetime_hard_hit(sa)))
         return XT_ESP_V_LIFETIME_EXPIRED;
@@ -318,18 +341,13 @@ unsigned xt_esp_decrypt_batch(struct xt_esp_worker *w, struct xt_pkt *pkts, unsi
     for (unsigned i = 0; i < n; i++) {
         struct xt_pkt *pk = &pkts[i];
         struct xt_sa *sa = NULL;
+        struct xt_sa_slot *slot = NULL;
         pk->spi = 0;
         pk->tunnel = 0;
-        unsigned v = decrypt_one(w, pk, &sa);
+        unsigned v = decrypt_one(w, pk, &sa, &slot);
         pk->verdict = (uint16_t)v;
-        struct xt_counters *c = sa ? &sa->slots[w->slot].c : &w->c;
-        if (v == XT_ESP_V_OK) {
-            XT_CTR_ADD(c->packets, 1);
-            XT_CTR_ADD(c->bytes, pk->len);
-            ok++;
-        } else {
-            XT_CTR_ADD(c->drops[v], 1);
-        }
+        count(w, sa, slot, v, pk->len);
+        ok += v == XT_ESP_V_OK;
     }
     batch_leave(w);
     return ok;
@@ -337,14 +355,18 @@ unsigned xt_esp_decrypt_batch(struct xt_esp_worker *w, struct xt_pkt *pkts, unsi
 
 /* ---- encrypt -------------------------------------------------------------------------------------- */
 
-static unsigned encrypt_one(struct xt_esp_worker *w, struct xt_pkt *pk, struct xt_sa **sa_out)
+static unsigned encrypt_one(struct xt_esp_worker *w, struct xt_pkt *pk, struct xt_sa **sa_out,
+                            struct xt_sa_slot **slot_out)
 {
     struct xt_sa *sa = xt_lookup(&w->ctx->tab[XT_ESP_DIR_OUT], pk->tunnel);
     if (!sa)
         return XT_ESP_V_UNKNOWN_TUNNEL;
     *sa_out = sa;
     pk->spi = sa->spi;
-    struct xt_sa_slot *slot = &sa->slots[w->slot];
+    struct xt_sa_slot *slot = xt_slot_get(w, sa); /* set up on this worker's first packet */
+    if (unlikely(!slot))
+        return XT_ESP_V_CRYPTO_ERROR;
+    *slot_out = slot;
 
     uint8_t *in = pk->data;
     uint32_t len = pk->len;
@@ -417,13 +439,13 @@ static unsigned encrypt_one(struct xt_esp_worker *w, struct xt_pkt *pk, struct x
                 !EVP_EncryptUpdate(c, in, &outl, in, (int)ct_len) ||
                 !EVP_EncryptFinal_ex(c, in + outl, &outl) ||
                 !EVP_CIPHER_CTX_ctrl(c, EVP_CTRL_GCM_GET_TAG, 16, icv_out))
-                return XT_ESP_V_INNER_MALFORMED; /* OpenSSL failure: not reachable with valid input */
+                return XT_ESP_V_CRYPTO_ERROR; /* OpenSSL failure: not reachable with valid input */
         } else {
             /* CBC: IV = AES_K(node || counter || 0), unpredictable without an RNG (SP 800-38A C) */
             if (!EVP_EncryptUpdate(slot->ivgen, iv, &outl, nonce, 16) ||
                 !EVP_EncryptInit_ex(c, NULL, NULL, NULL, iv) ||
                 !EVP_EncryptUpdate(c, in, &outl, in, (int)ct_len))
-                return XT_ESP_V_INNER_MALFORMED;
+                return XT_ESP_V_CRYPTO_ERROR;
         }
     }
     if (sa->auth != XT_ESP_AUTH_NONE) {
@@ -467,18 +489,13 @@ unsigned xt_esp_encrypt_batch(struct xt_esp_worker *w, struct xt_pkt *pkts, unsi
     for (unsigned i = 0; i < n; i++) {
         struct xt_pkt *pk = &pkts[i];
         struct xt_sa *sa = NULL;
+        struct xt_sa_slot *slot = NULL;
         pk->spi = 0;
         uint32_t in_len = pk->len;
-        unsigned v = encrypt_one(w, pk, &sa);
+        unsigned v = encrypt_one(w, pk, &sa, &slot);
         pk->verdict = (uint16_t)v;
-        struct xt_counters *c = sa ? &sa->slots[w->slot].c : &w->c;
-        if (v == XT_ESP_V_OK) {
-            XT_CTR_ADD(c->packets, 1);
-            XT_CTR_ADD(c->bytes, in_len);
-            ok++;
-        } else {
-            XT_CTR_ADD(c->drops[v], 1);
-        }
+        count(w, sa, slot, v, in_len);
+        ok += v == XT_ESP_V_OK;
     }
     batch_leave(w);
     return ok;

@@ -28,6 +28,20 @@
  *    under a per-SA spinlock held for that bit update only (never across crypto), so workers only
  *    meet when they process the same SA at the same instant;
  *  - cipher contexts and packet/drop counters: one slot per worker, no sharing at all.
+ *
+ * Lazy slots (memory: an idle SA costs no cipher context and no counters)
+ * ------------------------------------------------------------------------
+ * An SA is installed with every slot pointer NULL and its encryption key kept in the SA
+ * (OPENSSL_cleanse'd by sa_free). The first packet a worker processes for the SA (any verdict
+ * after the lookup) makes that worker allocate its slot: counters and, unless the encryption is
+ * NULL, its keyed EVP context(s). The slot is published with a release store only when complete,
+ * so a non-NULL slot is always ready; only the owning worker ever writes its pointer, so there
+ * is no lock and no race between workers. Readers (stats, sa_free) load it with acquire, under
+ * ctx->wlock. Freeing is unchanged: the slots go with the SA in sa_free, after the grace period
+ * above, so a worker that created a slot on an SA being replaced or deleted still owns a live SA
+ * until its batch ends. A failed set-up (out of memory, OpenSSL error) drops the packet as
+ * crypto_error, counted in sa->slot_failures (there is no slot to count it in); the next packet
+ * tries again. With RSS a tunnel's packets mostly land on one queue, so one slot per active SA.
  */
 #ifndef XT_ESP_INTERNAL_H
 #define XT_ESP_INTERNAL_H
@@ -65,7 +79,7 @@ struct xt_counters {
     __atomic_store_n(&(field), __atomic_load_n(&(field), __ATOMIC_RELAXED) + (v), __ATOMIC_RELAXED)
 
 struct xt_sa_slot {
-    EVP_CIPHER_CTX *cipher; /* GCM or CBC, keyed once; per packet only the IV is set */
+    EVP_CIPHER_CTX *cipher; /* GCM or CBC, keyed once at set-up; per packet only the IV is set */
     EVP_CIPHER_CTX *ivgen;  /* CBC outbound: AES-ECB under the SA key, IV = E_K(node||counter) */
     struct xt_counters c;
 } __attribute__((aligned(XT_CACHELINE)));
@@ -94,6 +108,8 @@ struct xt_sa {
     uint8_t align;    /* padding alignment: 4 or 16 */
     uint8_t ttl;
     uint8_t salt[4];
+    uint8_t enc_key_len;                 /* 0 (NULL), 16, 32 */
+    uint8_t enc_key[XT_ESP_MAX_ENC_KEY]; /* for the lazy slot set-up; cleansed in sa_free */
     uint8_t local[4], remote[4];
     uint16_t sport, dport;
     uint16_t node_id;
@@ -109,9 +125,10 @@ struct xt_sa {
     _Atomic uint32_t lt_flags;
     atomic_flag replay_lock;
     struct xt_replay *replay; /* inbound only; NULL when window is 0 */
+    _Atomic uint64_t slot_failures; /* crypto_error drops: a worker's slot set-up failed */
 
     unsigned n_slots;
-    struct xt_sa_slot slots[]; /* one per worker slot */
+    struct xt_sa_slot *_Atomic slots[]; /* one per worker slot, NULL until its first packet */
 };
 
 struct xt_esp_worker {
@@ -137,6 +154,7 @@ struct xt_esp_ctx {
     uint64_t n_retired;
     unsigned max_workers;
     struct xt_esp_worker *workers; /* max_workers entries */
+    _Atomic unsigned test_fail_slots; /* TEST HOOK: fail this many slot set-ups */
 };
 
 static inline uint32_t xt_hash(const struct xt_table *t, uint32_t key)
@@ -151,6 +169,18 @@ static inline struct xt_sa *xt_lookup(const struct xt_table *t, uint32_t key)
     while (sa && sa->key != key)
         sa = atomic_load_explicit(&sa->next, memory_order_acquire);
     return sa;
+}
+
+/* Slow path of xt_slot_get: allocate, key and publish the worker's slot of sa (esp.c).
+ * NULL on failure (nothing published, the OpenSSL error queue cleared). */
+struct xt_sa_slot *xt_slot_create(struct xt_esp_worker *w, struct xt_sa *sa);
+
+/* The worker's own slot of sa, set up on first use. Only this worker writes the pointer, so a
+ * relaxed load sees its own store. */
+static inline struct xt_sa_slot *xt_slot_get(struct xt_esp_worker *w, struct xt_sa *sa)
+{
+    struct xt_sa_slot *s = atomic_load_explicit(&sa->slots[w->slot], memory_order_relaxed);
+    return __builtin_expect(s != NULL, 1) ? s : xt_slot_create(w, sa);
 }
 
 /* HMAC over a contiguous region, writes the full digest (<= 32 bytes) to out. */

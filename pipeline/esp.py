@@ -295,6 +295,15 @@ class EspContext:
             seq=s.seq, iv_counter=s.iv_counter,
         )
 
+    def sa_slots(self, direction: str, key: int) -> int:
+        """How many workers have set up their slot of the SA (counters and cipher context, made
+        lazily on each worker's first packet for it): 0 until a worker processes a packet."""
+        if direction not in _DIR:
+            raise EspError(f"direction must be 'in' or 'out', got {direction!r}")
+        rc = int(lib.xt_esp_sa_slots(self._ptr(), _DIR[direction], _u(key, 32, "key")))
+        _check(rc, f"slots of SA {direction} {key:#x}")
+        return rc
+
     def stats(self) -> dict[str, Any]:
         """Drops before an SA was found (by reason), SA counts, retired SAs, longest hash chain."""
         s = ffi.new("struct xt_esp_ctx_stats *")
@@ -318,6 +327,10 @@ class EspContext:
         """TEST HOOK: next outbound sequence number and IV counter, to reproduce recorded packets."""
         _check(lib.xt_esp_test_set_next(self._ptr(), tunnel_id, next_seq, next_iv_counter),
                "test_set_next")
+
+    def test_fail_slot_setup(self, n: int) -> None:
+        """TEST HOOK: the next ``n`` lazy slot set-ups fail (those packets drop as crypto_error)."""
+        _check(lib.xt_esp_test_fail_slot_setup(self._ptr(), _u(n, 32, "n")), "test_fail_slot_setup")
 
     def close(self) -> None:
         with self._lock:
