@@ -417,6 +417,8 @@ def test_three_nodes_carry_one_tunnel_without_renegotiation(lab, tmp_path, etcd3
             assert [e["tunnel"] for e in net.events(x, "ike_sa_up")] == (
                 ["site-any"] if x == 1 else [])
             assert net.events(x, "ike_sa_adopted") == []      # no IKE message reached B, C
+        assert [(r["ike_spi_i"], r["ike_spi_r"]) for r in net.fresh_status(1)["ike_sas"]] == [
+            (now["ike"][1], now["ike"][2])]                 # A, the writer, still holds it
 
         # --- Child SA rekey by the peer while the route points at C --------------------------
         port = lab.port(net.rtr, "s0")
@@ -435,6 +437,13 @@ def test_three_nodes_carry_one_tunnel_without_renegotiation(lab, tmp_path, etcd3
             assert net.spis_in(x) == {new_spi}
         after = net.peer_sas()
         assert after["ike"] == first["ike"] and after["spi_out"] == new_spi
+        # C wrote the IKE SA last: it holds it (and runs its timers); A dropped its copy.
+        ike_spis = (first["ike"][1], first["ike"][2])
+        rows = net.fresh_status(3)["ike_sas"]
+        assert [(r["ike_spi_i"], r["ike_spi_r"], r["state"]) for r in rows] == [
+            (*ike_spis, "established")]
+        assert [c["spi_in"] for c in rows[0]["children"]] == [f"{new_spi:08x}"]
+        assert net.fresh_status(1)["ike_sas"] == [] and net.fresh_status(2)["ike_sas"] == []
         # The old SPI stops decrypting everywhere: a packet the peer sent under it, sent again
         # to each node, is dropped before any SA (no SA for its SPI).
         for x in NODES:

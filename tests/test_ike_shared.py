@@ -1,11 +1,14 @@
 """IKE SAs shared through the store (issue 7): two edge nodes A and B, each an IkeEngine with
-SharedIkeSas in front and a data path (RecordingSaInstaller fed by SaSync), one SQLite store,
-and our initiator as the peer. The "route" decides which node gets the peer's datagrams."""
+SharedIkeSas in front and a data path (RecordingSaInstaller fed by SaSync), one store (SQLite,
+and a 3-member etcd cluster), and our initiator as the peer. The "route" decides which node
+gets the peer's datagrams."""
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
+from etcd_cluster import EtcdCluster, require_etcd
 from ike_peers import CUSTOMER, DOMAIN, EDGE, TUNNEL, profile
 
 from pipeline.ike import persist
@@ -23,12 +26,13 @@ from pipeline.store.sqlite import SqliteStore
 from pipeline.sync import SaSync, StoreSaInstaller
 
 FLEET = FleetKey(b"ike-share-test-fleet-key-0123456789abcdef")
+_roots = itertools.count()
 
 
 class Node:
-    def __init__(self, db, node_id: int):
-        self.store = SqliteStore(db)
-        self.shared = SharedState(self.store, FLEET, Layout(), node=node_id)
+    def __init__(self, open_store, layout: Layout, node_id: int):
+        self.store = open_store()
+        self.shared = SharedState(self.store, FLEET, layout, node=node_id)
         self.datapath = RecordingSaInstaller()
         self.sync = SaSync(self.shared, self.datapath, name=f"sync-{node_id}")
         self.sync.rebuild()
@@ -48,8 +52,9 @@ class Node:
 
 
 class Fleet:
-    def __init__(self, tmp_path):
-        self.a, self.b = Node(tmp_path / "state.db", 1), Node(tmp_path / "state.db", 2)
+    def __init__(self, open_store):
+        layout = Layout(f"/ike{next(_roots)}/")
+        self.a, self.b = Node(open_store, layout, 1), Node(open_store, layout, 2)
         self.route = self.a
         self.peer_dp = RecordingSaInstaller()
         self.peer = IkeEngine(TunnelDirectory([], DOMAIN), self.peer_dp)
@@ -90,9 +95,26 @@ class Fleet:
             n.close()
 
 
+@pytest.fixture(scope="module")
+def etcd_cluster(tmp_path_factory):
+    require_etcd()
+    with EtcdCluster(tmp_path_factory.mktemp("etcd")) as cluster:
+        yield cluster
+
+
+@pytest.fixture(params=["sqlite", "etcd"])
+def fleet(request, tmp_path):
+    if request.param == "sqlite":
+        f = Fleet(lambda: SqliteStore(tmp_path / "state.db"))
+    else:
+        f = Fleet(request.getfixturevalue("etcd_cluster").client)
+    yield f
+    f.close()
+
+
 @pytest.fixture
-def fleet(tmp_path):
-    f = Fleet(tmp_path)
+def sqlite_fleet(tmp_path):
+    f = Fleet(lambda: SqliteStore(tmp_path / "state.db"))
     yield f
     f.close()
 
@@ -298,11 +320,13 @@ def test_persist_refuses_what_it_cannot_carry():
         persist.dumps(half, 0.0)
 
 
-def test_no_ike_key_in_clear_in_the_store_file(fleet, tmp_path):
+def test_no_ike_key_in_clear_in_the_store_file(sqlite_fleet, tmp_path):
+    fleet = sqlite_fleet
     fleet.establish()
     (a_sa,) = fleet.a.engine.sas.values()
     (child,) = a_sa.children.values()
     raw = b"".join(p.read_bytes() for p in tmp_path.glob("state.db*"))
+    assert b"/v1/ike/" in raw                          # the IKE SA record is in these files
     for k in (a_sa.keys.sk_d, a_sa.keys.sk_ei, a_sa.keys.sk_er, child.keys.encr_i):
         assert k not in raw and k.hex().encode() not in raw
 
