@@ -9,8 +9,9 @@
  * transport mode, UDP encapsulation), then mutated: bit flips, random bytes, truncation,
  * extension, length fields (IPv4 total length, IHL, UDP length), SPIs, pad length; plus fully
  * random frames. Each goes through xt_esp_decrypt_batch with random head/tailroom. A second thread
- * replaces and deletes the inbound SAs all the while, so reclamation is exercised too, and a third
- * runs a second worker on the same SAs. Every result is checked against the frame bounds; any
+ * replaces and deletes the inbound SAs (and replaces outbound ones) all the while, reading their
+ * stats and slot counts, so reclamation and the workers' lazy slot set-up are exercised too, and a
+ * third runs a second worker on the same SAs. Every result is checked against the frame bounds; any
  * violation aborts. Exit 0 = no crash, no violation.
  */
 #include <pthread.h>
@@ -88,6 +89,13 @@ static void *churn(void *arg)
             xt_esp_sa_add(ctx, &sa_in[i]);
         else
             xt_esp_sa_del(ctx, XT_ESP_DIR_IN, sa_in[i].spi);
+        if (((s >> 44) & 7) == 0) /* replace an outbound SA: both workers set up new slots */
+            xt_esp_sa_add(ctx, &sa_out[i]);
+        /* control-side reads of the slots the workers publish lazily (counters, slot count) */
+        struct xt_esp_sa_stats st;
+        xt_esp_sa_stats(ctx, XT_ESP_DIR_IN, sa_in[i].spi, &st);
+        if (xt_esp_sa_slots(ctx, XT_ESP_DIR_OUT, sa_out[i].tunnel_id) > 2)
+            abort(); /* two workers: at most two slots */
         if (((s >> 40) & 15) == 0)
             xt_esp_reclaim(ctx);
     }
