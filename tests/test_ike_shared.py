@@ -30,7 +30,7 @@ _roots = itertools.count()
 
 
 class Node:
-    def __init__(self, open_store, layout: Layout, node_id: int):
+    def __init__(self, open_store, layout: Layout, node_id: int, clock=lambda: 1000.0):
         self.store = open_store()
         self.shared = SharedState(self.store, FLEET, layout, node=node_id)
         self.datapath = RecordingSaInstaller()
@@ -38,7 +38,7 @@ class Node:
         self.sync.rebuild()
         self.engine = IkeEngine(TunnelDirectory([TUNNEL], DOMAIN),
                                 StoreSaInstaller(self.shared, self.sync))
-        self.ike = SharedIkeSas(self.engine, self.shared).start()
+        self.ike = SharedIkeSas(self.engine, self.shared, clock=clock).start()
 
     def settle(self):
         """Apply every store change to this node's data path and IKE copies."""
@@ -275,6 +275,30 @@ def test_concurrent_change_is_resolved_by_cas_never_overwritten(fleet):
     # and the schema refuses a blind update at the old revision
     with pytest.raises(IkeSaConflict):
         fleet.a.shared.update_ike_sa(*spis, persist.FORMAT, b"x", st.revision)
+
+
+def test_a_restarted_node_takes_back_the_ike_sas_it_wrote(fleet):
+    peer_sa = fleet.establish()
+    fleet.route = fleet.b
+    fleet.peer_request(InformationalTask())           # B writes it last
+    (b_sa,) = fleet.b.engine.sas.values()
+    fleet.b.ike.close()
+    # B restarts: a new engine, the same node id, the same store.
+    b2 = Node(lambda: fleet.b.store, fleet.b.shared.layout, 2, clock=lambda: fleet.now)
+    (back,) = b2.engine.sas.values()
+    assert (back.spi_i, back.spi_r) == (peer_sa.spi_i, peer_sa.spi_r)
+    assert (back.expected_peer_id, back.last_response) == (3, b_sa.last_response)
+    assert b2.engine.stats["ike_adopted"] == 1 and fleet.a.engine.sas == {}
+    # its timers run again there: a liveness check after the tunnel's interval
+    out = b2.ike.tick(fleet.now + TUNNEL.dpd_interval + 1)
+    assert len(out) == 1 and back.pending is not None and back.pending.msg_id == 0
+    b2.ike.close()
+    b2.sync.stop()
+    # A (node 1) wrote nothing last: a restarted A takes nothing
+    a2 = Node(lambda: fleet.a.store, fleet.a.shared.layout, 1, clock=lambda: fleet.now)
+    assert a2.engine.sas == {}
+    a2.ike.close()
+    a2.sync.stop()
 
 
 def test_persist_round_trip_with_another_clock():

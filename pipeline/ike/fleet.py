@@ -22,7 +22,9 @@ server drives it like an engine. Around every call it:
 
 Only the last writer keeps an IKE SA in memory: a watch on the IKE SA prefix drops this
 node's copy when another node writes or deletes it, so one node runs its timers (liveness,
-rekeys, expiry). When that node's own request (a liveness check) is answered to another node
+rekeys, expiry). A node that restarts takes back the IKE SAs it wrote last (``start()``); the
+IKE SAs of a node that never comes back are held by no one until the peer's next message
+(the peer's own rekeys and liveness checks keep them going; ours wait). When that node's own request (a liveness check) is answered to another node
 (the route moved), the answer is processed there: the request in flight is part of the
 record (``persist``).
 
@@ -39,7 +41,7 @@ import time
 from collections.abc import Callable
 
 from ..store import DELETE, Resync, StoreError
-from ..store.schema import IkeSaConflict, IkeSaState, SchemaError, SharedState
+from ..store.schema import IkeSaConflict, IkeSaState, SchemaError, SharedState, decode_ike_sa
 from .constants import ExchangeType, Flag
 from .engine import Datagram, IkeEngine
 from .persist import FORMAT, SHARED_STATES, PersistError, dumps, loads
@@ -121,9 +123,23 @@ class SharedIkeSas:
         return out
 
     # --- start / stop --------------------------------------------------------------------
-    def start(self) -> SharedIkeSas:
-        """Follow the IKE SA prefix from now on (copies written elsewhere are dropped)."""
-        self._open_watch(self.shared.store.revision() + 1)
+    def start(self, now: float | None = None) -> SharedIkeSas:
+        """Take back the IKE SAs this node (``SharedState.node``) wrote last, so that a
+        restarted node runs their timers again, then follow the IKE SA prefix (copies written
+        elsewhere are dropped)."""
+        now = self.clock() if now is None else now
+        listing = self.shared.store.list(self.shared.layout.ike_sas)
+        if self.shared.node is not None:
+            for rec in listing.records:
+                try:
+                    st = decode_ike_sa(self.shared.fleet, self.shared.layout, rec)
+                except SchemaError as e:
+                    self.stats["ike_record_undecodable"] += 1
+                    log.warning("%s", e)
+                    continue
+                if st.node == self.shared.node:
+                    self._adopt(st, now)
+        self._open_watch(listing.revision + 1)
         return self
 
     def close(self) -> None:
