@@ -338,6 +338,14 @@ def test_persist_refuses_what_it_cannot_carry():
         assert secret not in str(e.value), name
     with pytest.raises(persist.PersistError):
         persist.loads(b"\x80not json", p.resp.directory, 0.0)
+    # A request in flight that cannot be rebuilt (the rekey of a Child SA that is gone) is
+    # abandoned: its message ID skipped, the IKE SA adopted all the same.
+    gone = dict(obj, next_request_id=4, pending={
+        "msg_id": 4, "datagrams": [], "sent_age": 0.0, "tries": 1, "deadline_in": None,
+        "task": {"kind": "child_create", "rekey": 7, "pfs_group": 0, "dh": None, "ni": "",
+                 "spi_in": 9, "retried": False}})
+    back = persist.loads(json.dumps(gone).encode(), p.resp.directory, 0.0)
+    assert (back.pending, back.next_request_id) == (None, 5)
     half = next(iter(p.init.sas.values()))
     half.state = IkeState.HALF_OPEN
     with pytest.raises(persist.PersistError):

@@ -272,12 +272,17 @@ def _loads(obj: dict, directory: TunnelDirectory, now: float) -> IkeSa:
     rebuilt: list[Task] = []
     p = obj["pending"]
     if p is not None:
-        if p["task"] is None:
-            # An exchange this format cannot carry (see the module doc): its message ID is
+        task = None
+        if p["task"] is not None:
+            try:
+                task = _untask(p["task"], sa)
+            except PersistError:
+                task = None         # e.g. the rekey of a Child SA that is gone meanwhile
+        if task is None:
+            # An exchange this node cannot carry on (see the module doc): its message ID is
             # skipped, so our next request is not taken for a retransmission of it.
             sa.next_request_id = max(sa.next_request_id, int(p["msg_id"]) + 1)
         else:
-            task = _untask(p["task"], sa)
             rebuilt.append(task)
             sa.pending = Pending(task, int(p["msg_id"]),
                                  [_b(d, "pending datagram") for d in p["datagrams"]],
@@ -285,7 +290,10 @@ def _loads(obj: dict, directory: TunnelDirectory, now: float) -> IkeSa:
                                  now + float(p["deadline_in"]) if p["deadline_in"] is not None
                                  else 0.0)
     for d in obj["queue"]:
-        t = _untask(d, sa)
+        try:
+            t = _untask(d, sa)
+        except PersistError:
+            continue                # not started yet: the timers queue what is still due
         rebuilt.append(t)
         sa.queue.append(t)
     # A Child SA rekey that was queued on the writer as a task this format does not carry is
