@@ -127,7 +127,8 @@ class NsForwarder:
 
 # --- configuration --------------------------------------------------------------------------
 
-def node_config(x: int, name: str, cluster: EtcdCluster, tmp: Path, prefix: str) -> str:
+def node_config(x: int, name: str, cluster: EtcdCluster, tmp: Path, prefix: str,
+                dpd: tuple[int, int] = (0, 150)) -> str:
     eps = ", ".join(f'"{e}"' for e in cluster.endpoints)
     return f"""
 [node]
@@ -153,7 +154,8 @@ index = 1
 edge_endpoint = "{ANYCAST}"
 interface_address = "10.255.0.0/31"
 psk_file = "{tmp / 'site-any.psk'}"
-dpd_interval = 0
+dpd_interval = {dpd[0]}
+dpd_timeout = {dpd[1]}
 
 [[routes]]
 prefix = "{SITE_PREFIX}"
@@ -183,8 +185,9 @@ def write_secret(path: Path, text: str) -> None:
 # --- the lab ----------------------------------------------------------------------------------
 
 class Anycast:
-    def __init__(self, lab, tmp: Path, cluster: EtcdCluster) -> None:
-        self.lab, self.tmp, self.cluster = lab, tmp, cluster
+    def __init__(self, lab, tmp: Path, cluster: EtcdCluster,
+                 dpd: tuple[int, int] = (0, 150)) -> None:
+        self.lab, self.tmp, self.cluster, self.dpd = lab, tmp, cluster, dpd
         self.rtr, self.swan, self.inet = (lab.namespace(r) for r in ("rtr", "swan", "inet"))
         self.edges = {x: lab.namespace(f"edge{x}") for x in NODES}
         self.macs: dict[tuple[str, str], str] = {}
@@ -236,7 +239,8 @@ class Anycast:
     def start(self) -> None:
         for x in NODES:
             cfg = self.tmp / f"edge{x}.toml"
-            cfg.write_text(node_config(x, self.names[x], self.cluster, self.tmp, self.prefix))
+            cfg.write_text(node_config(x, self.names[x], self.cluster, self.tmp, self.prefix,
+                                       self.dpd))
             d = Daemon(f"edge{x}", self.edges[x], cfg, self.tmp / f"edge{x}.log")
             d.start()
             self.daemons[x] = d
@@ -295,6 +299,18 @@ class Anycast:
                 "child": int(child.group(1)), "spi_in": int(child.group(2), 16),
                 "in_packets": int(child.group(3)), "spi_out": int(child.group(4), 16),
                 "out_packets": int(child.group(5))}
+
+    def connect(self) -> None:
+        """strongSwan negotiates with whichever node the route points at."""
+        self.peer_up = True
+        up = self.peer("up", "--ns", self.swan.name, "--local", f"{SWAN_WAN}/30",
+                       "--remote", ANYCAST, "--id-type", "fqdn",
+                       "--id", f"{TID}.{ACCOUNT}.ipsec.{DOMAIN}", "--psk", PSK,
+                       "--ike", "aes256gcm16-prfsha256-ecp384", "--esp", "aes256gcm16-modp2048",
+                       "--local-ts", SITE_PREFIX, "--remote-ts", "198.51.100.0/24",
+                       "--inner", f"{SITE_HOST}/24", "--natt", "auto", "--timeout", "15",
+                       timeout=120)
+        assert up.returncode == 0, up.stderr[-3000:] + self.daemons[self.current].tail(30)
 
     def ping(self, count: int) -> int:
         """Echo requests from the IPsec site to the Internet host; replies received."""
@@ -369,15 +385,7 @@ def test_three_nodes_carry_one_tunnel_without_renegotiation(lab, tmp_path, etcd3
     net = Anycast(lab, tmp_path, etcd3)
     try:
         net.start()
-        fqdn = f"{TID}.{ACCOUNT}.ipsec.{DOMAIN}"
-        net.peer_up = True
-        up = net.peer("up", "--ns", net.swan.name, "--local", f"{SWAN_WAN}/30",
-                      "--remote", ANYCAST, "--id-type", "fqdn", "--id", fqdn, "--psk", PSK,
-                      "--ike", "aes256gcm16-prfsha256-ecp384", "--esp", "aes256gcm16-modp2048",
-                      "--local-ts", SITE_PREFIX, "--remote-ts", "198.51.100.0/24",
-                      "--inner", f"{SITE_HOST}/24", "--natt", "auto", "--timeout", "15",
-                      timeout=120)
-        assert up.returncode == 0, up.stderr[-3000:] + net.daemons[1].tail(30)
+        net.connect()
         a_up = net.daemons[1].wait_event("ike_sa_up", 10)
         assert a_up["tunnel"] == "site-any"
         first = net.peer_sas()
@@ -471,5 +479,33 @@ def test_three_nodes_carry_one_tunnel_without_renegotiation(lab, tmp_path, etcd3
             assert net.spis_in(x) == set()
         with etcd3.client() as store:
             assert store.list(net.prefix).records == ()
+    finally:
+        net.close()
+
+
+def test_the_edges_liveness_check_answered_to_another_node(lab, tmp_path, etcd3):
+    """Node A, which holds the IKE SA, checks liveness (every 5 s of IKE silence) after the
+    route moved to B: strongSwan's answer reaches B, which adopts the SA with A's request in
+    flight and completes it. A drops its copy instead of retrying until its dead-peer timeout
+    (10 s) and tearing the tunnel down for every node."""
+    net = Anycast(lab, tmp_path, etcd3, dpd=(5, 10))
+    try:
+        net.start()
+        net.connect()
+        net.route_to(2)                        # before A's first liveness check (5 s)
+        first = net.peer_sas()
+        ev = net.daemons[2].wait_event("ike_sa_adopted", 20)
+        # A's liveness check (our message ID 0) was in flight in the record B adopted
+        assert (ev["next_request_id"], ev["expected_peer_id"]) == (0, 2)
+        assert net.events(1, "ike_sa_adopted") == [] and net.events(3, "ike_sa_adopted") == []
+        time.sleep(12)                         # past A's dead-peer timeout
+        for x in NODES:
+            assert net.events(x, "ike_sa_down") == []
+            assert net.events(x, "sa_deleted") == []
+        rows = net.fresh_status(2)["ike_sas"]
+        assert [(r["ike_spi_i"], r["ike_spi_r"]) for r in rows] == [first["ike"][1:]]
+        assert net.fresh_status(1)["ike_sas"] == [] and net.fresh_status(3)["ike_sas"] == []
+        assert net.peer_sas()["ike"] == first["ike"]
+        assert net.ping(3) == 3                # A encrypted nothing: no replay gap at B
     finally:
         net.close()
