@@ -78,6 +78,24 @@ def test_one_in_n_exact_records(prog):
     assert sampler.counters() == {"sent": 5, "lost": 0, "suppressed": 0}
 
 
+def test_drain_in_small_batches(prog):
+    """A drain goes on batch after batch until the ring is empty: a Sampler with room for 3
+    records per native call gets all 10, in order, with the same counts."""
+    p, fd, sampler = prog
+    sampler.configure(1, 0)
+    verdict(p, testrun.XdpAction.PASS, "not_ours", 2)
+    frames = [SYN[:-2] + i.to_bytes(2, "big") for i in range(10)]
+    for f in frames:
+        testrun.run(fd, f)
+    small = S.Sampler(p.bpf, 1, 0, clock=lambda: 125.0, keep=100, batch=3)
+    assert small.drain() == 10
+    assert [r.data for r in small.recent] == frames
+    assert (small.received, small.malformed, sampler.drain()) == (10, 0, 0)
+    c = small.mix.take()
+    assert (c[(120, 2, "src", "198.51.100.7")], c[(120, 2, "samples", "periodic")],
+            c[(120, 2, "tcp_flags", "SYN")], len(c)) == (10, 10, 10, 5)
+
+
 def test_drops_sampled_up_to_the_limit_and_long_frames_cut(prog):
     p, fd, sampler = prog
     sampler.configure(0, 3)

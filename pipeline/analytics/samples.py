@@ -4,10 +4,15 @@ The XDP program sends the first bytes of 1 in N frames, and of dropped frames up
 limit per second, as ``struct xt_sample`` records. :func:`parse_record` reads one record,
 :func:`headers` parses the frame down to the innermost IP header (through GRE) and its TCP/UDP
 ports and TCP flags, and :class:`Mix` counts them per tunnel and minute: top source addresses,
-top destination ports, protocols and TCP flag combinations.
+top destination ports, protocols and TCP flag combinations. Those three are the reference, one
+record at a time; the sampler itself goes a batch at a time: :meth:`Mix.add_batch` parses and
+counts a numpy array of records with :mod:`.sample_batch` (the same rules, checked against the
+reference by tests/test_analytics_batch.py).
 
 :class:`Sampler` owns the program side: writes the rate and the drop limit into
-``xt_sample_state`` (every CPU's slot), opens the ring buffer through bcc and drains it into a :class:`Mix`.
+``xt_sample_state`` (every CPU's slot), maps the ring buffer with the native batch consumer
+(native/ring.c, ``pipeline._ring``: every waiting record copied into one flat buffer per call, no
+Python callback per record) and counts each batch into a :class:`Mix`.
 """
 from __future__ import annotations
 
@@ -18,7 +23,10 @@ from dataclasses import dataclass, field
 from socket import AF_INET, AF_INET6, inet_ntop
 from typing import NamedTuple
 
+import numpy as np
+
 from ..xdp import reasons as _reasons
+from . import sample_batch as _batch
 
 SAMPLE_BYTES = 128                 # XT_SAMPLE_BYTES
 F_PERIODIC, F_DROP = 0x1, 0x2      # XT_SAMPLE_F_*
@@ -154,6 +162,36 @@ class Mix:
             for k in keys:
                 counts[k] += 1
 
+    def add_batch(self, recs: np.ndarray, when: float) -> None:
+        """Count a batch of records (an array of :data:`sample_batch.RECORD_DTYPE`), all filed
+        under the minute of ``when``: the same counts as :meth:`add` of each record."""
+        if not len(recs):
+            return
+        minute = int(when) // 60 * 60
+        tunnel, flags = recs["tunnel"], recs["flags"]
+        p = _batch.parse(recs)
+        out: Counter = Counter()
+        one = np.ones(len(recs), dtype=np.int64)
+        for t, _c, n in _batch.count_codes(tunnel, one, (flags & F_PERIODIC) != 0):
+            out[(minute, t, "samples", "periodic")] += n
+        drop = (flags & F_DROP) != 0
+        if drop.any():
+            names = _reasons.load()
+            for t, _c, n in _batch.count_codes(tunnel, one, drop):
+                out[(minute, t, "samples", "drop")] += n
+            for t, r, n in _batch.count_codes(tunnel, recs["reason"], drop):
+                out[(minute, t, "drop_reason", names.name(r))] += n
+        for t, v6, addr, n in _batch.count_sources(tunnel, p):
+            out[(minute, t, "src", inet_ntop(AF_INET6 if v6 else AF_INET, addr))] += n
+        for t, proto, n in _batch.count_codes(tunnel, p.proto, p.ok):
+            out[(minute, t, "proto", PROTO_NAMES.get(proto) or str(proto))] += n
+        for t, port, n in _batch.count_codes(tunnel, p.dport, p.has_dport):
+            out[(minute, t, "dport", str(port))] += n
+        for t, f, n in _batch.count_codes(tunnel, p.tcp_flags, p.has_flags):
+            out[(minute, t, "tcp_flags", _FLAG_NAMES[f])] += n
+        with self.lock:
+            self.counts.update(out)
+
     def take(self) -> Counter:
         """The counts gathered since the last call (and forget them)."""
         with self.lock:
@@ -161,15 +199,30 @@ class Mix:
         return out
 
 
+class SamplerError(RuntimeError):
+    """The ring buffer could not be mapped or drained."""
+
+
+BATCH = 4096   # records per native drain call (the 1 MiB ring holds about 6,500)
+
+
 class Sampler:
     """The program side of sampling: configure ``xt_sample_state`` and drain ``xt_samples``.
 
     ``bpf`` is the bcc BPF object of a program built with -DXT_FEATURE_SAMPLE. ``clock`` gives
-    the wall-clock time a drained record is filed under (its minute); ``keep`` records are kept
-    as parsed in ``recent`` (for inspection)."""
+    the wall-clock time the records of a drain are filed under (their minute: one reading per
+    batch); the last ``keep`` records are kept as parsed in ``recent`` (for inspection).
 
-    def __init__(self, bpf, rate: int, drop_limit: int, clock=None, keep: int = 0) -> None:
+    The ring is mapped by the native consumer (``pipeline._ring``), not opened through bcc: one
+    consumer per ring, so open one Sampler per program. ``received`` counts the records drained,
+    ``malformed`` those of another size than ``struct xt_sample`` (consumed, not counted in
+    the mix)."""
+
+    def __init__(self, bpf, rate: int, drop_limit: int, clock=None, keep: int = 0,
+                 batch: int = BATCH) -> None:
         import time
+
+        from pipeline._ring import ffi, lib
         self.bpf = bpf
         self.recent: deque[Record] = deque(maxlen=keep)   # the last ``keep`` records, as parsed
         self.clock = clock or time.time
@@ -180,7 +233,18 @@ class Sampler:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.configure(rate, drop_limit)
-        bpf[b"xt_samples"].open_ring_buffer(self._on_record)
+        if not 1 <= batch < 1 << 32:
+            raise ValueError(f"batch of {batch} records")
+        err = ffi.new("int *")
+        ring = lib.xt_ring_open(bpf[b"xt_samples"].map_fd, err)
+        if ring == ffi.NULL:
+            raise SamplerError(f"cannot map the xt_samples ring buffer: {_ring_error(err[0])}")
+        self._lib = lib
+        self._ring = ffi.gc(ring, lib.xt_ring_close)     # unmapped with the Sampler
+        self._buf = bytearray(batch * RECORD_SIZE)
+        self._view = np.frombuffer(self._buf, dtype=_batch.RECORD_DTYPE)
+        self._ptr = ffi.from_buffer(self._buf)
+        self._skipped = ffi.new("uint64_t *")
 
     def reset(self) -> None:
         """Zero the per-CPU bookkeeping and counters, keeping the configuration (tests, a
@@ -199,24 +263,29 @@ class Sampler:
         t[key] = vals
         self.config = (rate, drop_limit)
 
-    def _on_record(self, _ctx, data, size) -> int:
-        import ctypes
-        raw = ctypes.string_at(data, size)
-        try:
-            rec = parse_record(raw)
-        except ValueError:
-            self.malformed += 1
-            return 0
-        self.received += 1
-        self.recent.append(rec)
-        self.mix.add(rec, self.clock())
-        return 0
-
     def drain(self) -> int:
-        """Consume every record waiting in the ring buffer (non-blocking); returns how many."""
+        """Consume every record waiting in the ring buffer (non-blocking), a batch per native
+        call, and count each batch into the mix; returns how many records (malformed included)."""
+        lib = self._lib
         with self._consume:
             before = self.received + self.malformed
-            self.bpf.ring_buffer_consume()
+            cap = len(self._view)
+            while True:
+                self._skipped[0] = 0
+                n = lib.xt_ring_drain(self._ring, self._ptr, RECORD_SIZE, cap, self._skipped)
+                if n < 0:
+                    raise SamplerError(f"draining xt_samples: {_ring_error(n)}")
+                self.malformed += int(self._skipped[0])
+                if n == 0:
+                    break
+                recs = self._view[:n]
+                self.received += n
+                self.mix.add_batch(recs, self.clock())
+                keep = self.recent.maxlen
+                if keep:
+                    self.recent.extend(_record(r) for r in recs[-keep:])
+                if n < cap:
+                    break
             return self.received + self.malformed - before
 
     def start(self, every: float = 0.1) -> Sampler:
@@ -243,3 +312,20 @@ class Sampler:
         t = self.bpf[b"xt_sample_state"]
         vals = t[t.Key(0)]
         return {k: sum(getattr(v, k) for v in vals) for k in ("sent", "lost", "suppressed")}
+
+
+def _record(r: np.void) -> Record:
+    cap = min(int(r["cap"]), SAMPLE_BYTES)
+    return Record(int(r["tunnel"]), int(r["reason"]), int(r["action"]), int(r["flags"]),
+                  int(r["len"]), r["data"][:cap].tobytes())
+
+
+def _ring_error(code: int) -> str:
+    import os
+
+    from pipeline._ring import lib
+    if code == lib.XT_RING_E_NOT_RINGBUF:
+        return "not a BPF ring buffer map"
+    if code == lib.XT_RING_E_RECORD_SIZE:
+        return f"record size {RECORD_SIZE} does not fit the ring"
+    return os.strerror(-code) if code < 0 else f"error {code}"
