@@ -25,7 +25,9 @@ runs one).
 
 Events (one log line each, ``event=<name>`` and key=value fields, or one JSON object per line
 with ``--log-format json``): ``started``, ``stopped``, ``config_reloaded``,
-``config_reload_failed``, ``analytics_failed``, ``worker_failed``, ``ike_sa_up``, ``ike_sa_down``, ``child_sa_up``, ``child_sa_rekeyed``,
+``config_reload_failed``, ``analytics_failed``, ``worker_failed``, ``ike_sa_up``, ``ike_sa_down``,
+``ike_sa_adopted`` (an IKE SA another node wrote, taken over from the store, issue 7),
+``child_sa_up``, ``child_sa_rekeyed``,
 ``child_sa_down``, ``sa_installed``, ``sa_rekeyed``, ``sa_deleted``, ``tunnel_up``,
 ``tunnel_down`` (IPsec: the tunnel has / no longer has an SA pair in the data path; GRE: decapsulated
 traffic seen / none for ``GRE_IDLE_S`` seconds). Keys never appear in any of them.
