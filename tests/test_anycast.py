@@ -467,11 +467,28 @@ def test_three_nodes_carry_one_tunnel_without_renegotiation(lab, tmp_path, etcd3
             assert {k: v for k, v in diff.items() if v} == {"unknown_spi": 1}, (x, diff)
         assert net.ping(3) == 3                       # the new SA carries traffic at C
 
+        # --- IKE SA rekey by the peer through C: one IKE record, with the new SPIs ------------
+        old_name = "/".join(first["ike"][1:])
+        net.swanctl("--rekey", "--ike", "peer")
+        up_c = net.daemons[3].wait_event("ike_sa_up", 30)
+        down_c = net.daemons[3].wait_event("ike_sa_down", 30)
+        assert (down_c["ike_sa"], down_c["reason"]) == (old_name, "deleted_by_peer")
+        new_name = up_c["ike_sa"]
+        rekeyed = net.peer_sas()
+        assert "/".join(rekeyed["ike"][1:]) == new_name != old_name
+        assert rekeyed["spi_out"] == new_spi                  # the Child SA moved along
+        with etcd3.client() as store:
+            keys = [r.key for r in store.list(f"{net.prefix}v1/ike/").records]
+        assert keys == [f"{net.prefix}v1/ike/{new_name.replace('/', '_')}"]
+        for x in NODES:
+            assert net.spis_in(x) == {new_spi}
+        assert net.ping(3) == 3
+
         # --- DELETE through C: every node removes the SAs -------------------------------------
         down = net.peer("down", "--ns", net.swan.name, timeout=60)
         net.peer_up = False
         assert down.returncode == 0, down.stderr
-        ev = net.daemons[3].wait_event("ike_sa_down", 30)
+        ev = net.daemons[3].wait_event("ike_sa_down", 30, ike_sa=new_name)
         assert ev["reason"] == "deleted_by_peer"
         for x in NODES:
             net.daemons[x].wait_event("sa_deleted", 30, spi_in=f"0x{new_spi:08x}")
