@@ -384,3 +384,63 @@ def test_tick_writes_pending_liveness_and_store_outage_retried(fleet, monkeypatc
     st = fleet.a.shared.ike_sa(*spis)
     assert st.revision > before.revision
     assert json.loads(st.state)["pending"]["msg_id"] == 0
+
+
+def test_a_conflict_in_the_timers_loses_only_that_ike_sa(fleet, monkeypatch):
+    """Two IKE SAs on A are due a liveness check; another node changed the first one and the
+    watch has not told A yet: only the first one's request is dropped (and the store's version
+    adopted), the second one's goes out and is written."""
+    first = fleet.establish()
+    fleet.run(fleet.peer.initiate(profile(initial_contact=False), (CUSTOMER, 500), (EDGE, 500),
+                                  fleet.now))
+    second = next(s for s in fleet.peer.established_sas() if s is not first)
+    assert len(fleet.a.engine.sas) == 2
+    fleet.route = fleet.b
+    fleet.run(fleet.peer.start(first, InformationalTask(), fleet.now), settle=False)
+    monkeypatch.setattr(fleet.a.ike, "poll", lambda timeout=0.0: 0)   # the watch lags
+    fleet.now += TUNNEL.dpd_interval + 1
+    out = fleet.a.ike.tick(fleet.now)
+    assert [d.data[:16] for d in out] == [second.spi_i + second.spi_r]
+    assert fleet.a.engine.stats["ike_cas_conflict"] == 1
+    a1 = fleet.a.engine.sas[first.spi_r]
+    assert (a1.expected_peer_id, a1.pending) == (3, None)      # B's version, adopted
+    st = fleet.a.shared.ike_sa(int.from_bytes(second.spi_i, "big"),
+                               int.from_bytes(second.spi_r, "big"))
+    assert (st.node, json.loads(st.state)["pending"]["msg_id"]) == (1, 0)
+
+
+def test_a_request_processed_on_two_nodes_at_once(fleet, monkeypatch):
+    """The peer's IKE SA rekey reaches B, and (a duplicate) A, whose read of the store raced
+    with B's write: A's attempt loses the compare-and-swap, is undone (the IKE SA it created
+    included), and the request is answered from B's cached response."""
+    old_peer = fleet.establish()
+    (request,) = fleet.peer.start(old_peer, IkeRekeyTask(), fleet.now)
+    (answer,) = fleet.b.ike.handle(request.data, request.remote, request.local, fleet.now)
+    delete = fleet.peer.handle(answer.data, answer.remote, answer.local, fleet.now)
+    (new_peer,) = fleet.peer.established_sas()           # the peer's DELETE of the old: held
+    real = fleet.a.ike._refresh
+    calls = []
+
+    def racing(data, now):
+        calls.append(now)
+        if len(calls) > 1:
+            real(data, now)                # the first read saw the store before B's write
+    monkeypatch.setattr(fleet.a.ike, "_refresh", racing)
+    sent = fleet.a.ike.handle(request.data, request.remote, request.local, fleet.now)
+    assert [d.data for d in sent] == [answer.data]
+    assert fleet.a.engine.stats["ike_cas_conflict"] == 1 and len(calls) == 2
+    assert fleet.a.engine.stats["retransmit_answered"] == 1
+    # A holds B's version of the old IKE SA and nothing of its own lost attempt
+    assert [(sa.spi_r, sa.state.value) for sa in fleet.a.engine.sas.values()] == [
+        (old_peer.spi_r, "rekeyed")]
+    layout = fleet.a.shared.layout
+
+    def keys():
+        return [r.key for r in fleet.a.store.list(layout.ike_sas).records]
+    key_of = {sa.spi_r: layout.ike_sa(int.from_bytes(sa.spi_i, "big"),
+                                      int.from_bytes(sa.spi_r, "big"))
+              for sa in (old_peer, new_peer)}
+    assert sorted(keys()) == sorted(key_of.values())
+    fleet.route = fleet.b
+    fleet.run(from_peer=delete)                         # the peer deletes the old one via B
+    assert keys() == [key_of[new_peer.spi_r]] and fleet.a.engine.sas == {}

@@ -96,6 +96,7 @@ class IkeEngine:
         # IKE SAs (pipeline/ike/fleet.py) writes to the store. Bookkeeping only, no I/O.
         self.changed: dict[bytes, IkeSa] = {}
         self.track_changes = False
+        self.installer_sa: IkeSa | None = None  # the IKE SA of the installer call being made
 
     # ------------------------------------------------------------------ public API
     def handle(self, data: bytes, local: Endpoint, remote: Endpoint, now: float) -> list[Datagram]:
@@ -211,6 +212,7 @@ class IkeEngine:
         sa.children[child.spi_in] = child
         self.child_spis.add(child.spi_in)
         self._changed(sa)
+        self.installer_sa = sa
         self.installer.install(child.params(sa))
         self.stats["child_installed"] += 1
 
@@ -219,6 +221,7 @@ class IkeEngine:
         sa.children[new.spi_in] = new
         self.child_spis.add(new.spi_in)
         self._changed(sa)
+        self.installer_sa = sa
         self.installer.replace(old.spi_in, new.params(sa))
         self.stats["child_rekeyed"] += 1
 
@@ -228,6 +231,7 @@ class IkeEngine:
             return
         self.child_spis.discard(spi_in)
         self._changed(sa)
+        self.installer_sa = sa
         self.installer.delete(spi_in)
         self.stats["child_deleted"] += 1
 
@@ -422,6 +426,7 @@ class IkeEngine:
                 if not child.rekeyed:
                     # ESP follows the peer's current address and port (issue 6, RFC 3948):
                     # the pair is installed again with the new encapsulation ports.
+                    self.installer_sa = sa
                     self.installer.delete(child.spi_in)
                     self.installer.install(child.params(sa))
         task: Task | None = None

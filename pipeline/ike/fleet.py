@@ -36,6 +36,7 @@ trip (IKE messages are rare next to ESP).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -53,33 +54,41 @@ MAX_ATTEMPTS = 3
 
 
 class _Conflict(Exception):
-    pass
+    def __init__(self, lost: list[IkeSa]) -> None:
+        super().__init__(", ".join(sa.name for sa in lost))
+        self.headers = {sa.spi_i + sa.spi_r for sa in lost}   # IKE header SPIs of their datagrams
 
 
 class DeferredInstaller:
-    """Holds the engine's installer calls until ``flush()`` (or drops them: ``discard()``)."""
+    """Holds the engine's installer calls, each with the IKE SA it was made for
+    (``IkeEngine.installer_sa``), until ``flush()``; ``discard(sa)`` drops one IKE SA's."""
 
-    def __init__(self, inner) -> None:
+    def __init__(self, inner, engine: IkeEngine) -> None:
         self.inner = inner
-        self.calls: list[tuple[str, tuple]] = []
+        self.engine = engine
+        self.calls: list[tuple[bytes | None, str, tuple]] = []
+
+    def _owner(self) -> bytes | None:
+        sa = self.engine.installer_sa
+        return None if sa is None else sa.local_spi
 
     def install(self, sa) -> None:
-        self.calls.append(("install", (sa,)))
+        self.calls.append((self._owner(), "install", (sa,)))
 
     def replace(self, old_spi_in: int, sa) -> None:
-        self.calls.append(("replace", (old_spi_in, sa)))
+        self.calls.append((self._owner(), "replace", (old_spi_in, sa)))
 
     def delete(self, spi_in: int) -> None:
-        self.calls.append(("delete", (spi_in,)))
+        self.calls.append((self._owner(), "delete", (spi_in,)))
 
     def flush(self) -> None:
         while self.calls:
-            name, args = self.calls[0]
+            _, name, args = self.calls[0]
             getattr(self.inner, name)(*args)     # StoreError: the rest stays for the retry
             self.calls.pop(0)
 
-    def discard(self) -> None:
-        self.calls.clear()
+    def discard(self, owners: set[bytes]) -> None:
+        self.calls = [c for c in self.calls if c[0] not in owners]
 
 
 def _spis(sa: IkeSa) -> tuple[int, int]:
@@ -94,7 +103,7 @@ class SharedIkeSas:
         self.clock = clock
         self.stats = engine.stats
         self.revisions: dict[bytes, int] = {}     # our SPI -> store revision of our copy
-        self.installer = DeferredInstaller(engine.installer)
+        self.installer = DeferredInstaller(engine.installer, engine)
         engine.installer = self.installer
         engine.track_changes = True
         self._watch = None
@@ -106,7 +115,7 @@ class SharedIkeSas:
             self._refresh(data, now)
             out = self.engine.handle(data, local, remote, now)
             try:
-                self.commit(now)
+                self.commit(now, atomic=True)
             except _Conflict:
                 continue
             return out
@@ -118,8 +127,10 @@ class SharedIkeSas:
         out = self.engine.tick(now)
         try:
             self.commit(now)
-        except _Conflict:
-            return []       # the adopted state runs its timers at the next tick
+        except _Conflict as c:
+            # What the stale copy wanted to send goes nowhere (the adopted state runs its
+            # timers at the next tick); the other IKE SAs' datagrams go out.
+            return [d for d in out if d.data[:16] not in c.headers]
         return out
 
     # --- start / stop --------------------------------------------------------------------
@@ -206,23 +217,33 @@ class SharedIkeSas:
         self.revisions.pop(sa.local_spi, None)
 
     # --- after: write what changed ------------------------------------------------------
-    def commit(self, now: float | None = None) -> None:
-        """Write the engine's changed IKE SAs, then its Child SA writes. ``_Conflict`` (after
-        adopting the store's version) when another node changed one of them."""
+    def commit(self, now: float | None = None, *, atomic: bool = False) -> None:
+        """Write the engine's changed IKE SAs, then the Child SA writes made for them.
+
+        A conflict (another node changed an IKE SA after this node read it) undoes what was
+        done on the stale copy: its Child SA writes are dropped and the store's version is
+        adopted. ``atomic`` (the processing of one message): everything the attempt produced
+        is undone, the IKE SAs it created included, and the caller processes the message
+        again; otherwise (timers) the other IKE SAs' changes are written as usual. Raises
+        ``_Conflict`` naming the IKE SAs lost."""
         now = self.clock() if now is None else now
         changes = self.engine.take_changes()
-        created: list[IkeSa] = []
+        shared_before = set(self.revisions)
+        lost: list[IkeSa] = []
         for n, sa in enumerate(changes):
             try:
-                self._write(sa, now, created)
+                self._write(sa, now)
             except IkeSaConflict as e:
                 self.stats["ike_cas_conflict"] += 1
                 log.info("IKE SA %s changed by another node (%s): reloading", sa.name, e)
-                self._lost(sa, e.current, created, now)
-                for other in changes[n + 1:]:
-                    if self.engine.sas.get(other.local_spi) is other:
-                        self.engine._changed(other)
-                raise _Conflict() from None
+                lost.append(sa)
+                if atomic:
+                    for other in changes:
+                        if other is not sa:
+                            self._undo(other, created=other.local_spi not in shared_before)
+                self._lost(sa, e.current, now)
+                if atomic:
+                    break
             except StoreError as e:
                 self.stats["ike_store_write_failed"] += 1
                 log.error("IKE SA %s not written to the store (%s); retried at the next tick",
@@ -235,8 +256,10 @@ class SharedIkeSas:
         except StoreError as e:
             self.stats["ike_store_write_failed"] += 1
             log.error("Child SA writes failed (%s); retried at the next tick", e)
+        if lost:
+            raise _Conflict(lost)
 
-    def _write(self, sa: IkeSa, now: float, created: list[IkeSa]) -> None:
+    def _write(self, sa: IkeSa, now: float) -> None:
         key = sa.local_spi
         rev = self.revisions.get(key)
         if sa.state == IkeState.DEAD or self.engine.sas.get(key) is not sa:
@@ -249,24 +272,27 @@ class SharedIkeSas:
         blob = dumps(sa, now)
         if rev is None:
             self.revisions[key] = self.shared.create_ike_sa(*_spis(sa), FORMAT, blob)
-            created.append(sa)
         else:
             self.revisions[key] = self.shared.update_ike_sa(*_spis(sa), FORMAT, blob, rev)
 
-    def _lost(self, sa: IkeSa, current: IkeSaState | None, created: list[IkeSa],
-              now: float) -> None:
-        """Undo this attempt: its Child SA writes and the IKE SAs it created go, the store's
-        version of ``sa`` comes in."""
-        self.installer.discard()
-        for c in created:
-            try:
-                self.shared.delete_ike_sa(*_spis(c), self.revisions[c.local_spi])
-            except (IkeSaConflict, StoreError):
-                pass
-            self._forget(c)
-        if self.engine.sas.get(sa.local_spi) is sa or sa.state == IkeState.DEAD:
-            self.engine.sas.pop(sa.local_spi, None)
-            self.revisions.pop(sa.local_spi, None)
+    def _undo(self, sa: IkeSa, created: bool) -> None:
+        """Another product of an attempt that lost: its Child SA writes are dropped, its
+        record too if the attempt created it, and this node's copy (the store has the truth)."""
+        self.installer.discard({sa.local_spi})
+        rev = self.revisions.get(sa.local_spi)
+        if created and rev is not None:
+            with contextlib.suppress(IkeSaConflict, StoreError):
+                self.shared.delete_ike_sa(*_spis(sa), rev)
+        if self.engine.sas.get(sa.local_spi) is sa:
+            self.engine.forget(sa)
+        self.revisions.pop(sa.local_spi, None)
+
+    def _lost(self, sa: IkeSa, current: IkeSaState | None, now: float) -> None:
+        """The stale copy ``sa`` goes (with its Child SA writes); the store's version comes."""
+        self.installer.discard({sa.local_spi})
+        if self.engine.sas.get(sa.local_spi) is sa:
+            self.engine.forget(sa)
+        self.revisions.pop(sa.local_spi, None)
         if current is not None:
             self._adopt(current, now)
 
