@@ -12,21 +12,23 @@ server drives it like an engine. Around every call it:
    store no longer has (deleted through another node) drops this node's copy;
 2. after: writes every IKE SA the engine changed: ``create_ike_sa`` for a new one, then
    ``update_ike_sa`` with compare-and-swap on the revision this node read or wrote. A conflict
-   means another node changed the SA meanwhile: nothing of this attempt leaves the node (its
-   datagrams and its Child SA writes are discarded), the store's version is adopted and the
-   datagram is processed again (at most ``MAX_ATTEMPTS`` times); a record is never silently
-   overwritten. A destroyed IKE SA's record is deleted (CAS on its revision too);
-3. Child SA writes of the engine (``StoreSaInstaller``) are held until the IKE SA record they
-   belong to is written, then made: the store never has Child SAs of an exchange whose IKE SA
-   state lost a race.
+   means another node changed the SA meanwhile; a record is never silently overwritten. For a
+   message, nothing of the attempt leaves the node (its datagrams, its Child SA writes, the
+   IKE SAs it created), the store's version is adopted and the datagram processed again (at
+   most ``MAX_ATTEMPTS`` times). For the timers, only the IKE SA that lost is undone (its
+   datagrams and Child SA writes dropped, the store's version adopted); the others go out and
+   are written. A destroyed IKE SA's record is deleted (CAS on its revision too);
+3. Child SA writes of the engine (``StoreSaInstaller``), each attributed to its IKE SA
+   (``IkeEngine.installer_sa``), are held until that IKE SA's record is written, then made: the
+   store never has Child SAs of an exchange whose IKE SA state lost a race.
 
 Only the last writer keeps an IKE SA in memory: a watch on the IKE SA prefix drops this
 node's copy when another node writes or deletes it, so one node runs its timers (liveness,
-rekeys, expiry). A node that restarts takes back the IKE SAs it wrote last (``start()``); the
-IKE SAs of a node that never comes back are held by no one until the peer's next message
-(the peer's own rekeys and liveness checks keep them going; ours wait). When that node's own request (a liveness check) is answered to another node
-(the route moved), the answer is processed there: the request in flight is part of the
-record (``persist``).
+rekeys, expiry). When that node's own request (a liveness check, a rekey) is answered to
+another node (the route moved), the answer is processed there: the request in flight is part
+of the record (``persist``). A node that restarts takes back the IKE SAs it wrote last
+(``start()``); the IKE SAs of a node that never comes back are held by no one until the peer's
+next message (the peer's own rekeys and liveness checks keep them going; ours wait).
 
 Not shared: half-open SAs (IKE_SA_INIT and IKE_AUTH must reach the same node; a route change
 between the two makes the peer retry). Store failures do not stop IKE: the answer is sent, the
