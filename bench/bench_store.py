@@ -10,6 +10,13 @@
 2. Install rate: a node joining late rebuilds from N Child SAs already in the store (list at
    one revision, unseal, install into a ``RecordingSaInstaller``). Baseline in the same run: the
    bare paged list of the same records (the store's share).
+3. The same into the real data path (``IpsecDataPath``, native ESP), and its memory: process RSS
+   growth (/proc/self/statm) per Child SA (one inbound SA each, plus the tunnel's one outbound
+   SA) over the install loop (idle SAs: the native module sets up a worker's cipher context on
+   that worker's first packet for an SA), then after one valid packet through every SA (inbound
+   SA i decrypted by worker i mod W, outbound SA of tunnel t encrypted by worker t mod W, as RSS
+   would spread them), then after every worker has processed every SA (the worst case). The
+   packets are built before the first RSS reading, so they are not counted.
 
     .venv/bin/python -m bench.bench_store              # full run (1000 paced writes, 200,000 SAs)
     .venv/bin/python -m bench.bench_store --quick      # smoke: 20 writes, 1,000 SAs
@@ -198,6 +205,66 @@ def install_rate(store, layout: Layout, fleet: FleetKey, n: int) -> dict:
     return {"n": n, "list_s": list_s, "rebuild_s": rebuild_s}
 
 
+def _csum(h: bytes) -> int:
+    s = sum(int.from_bytes(h[i:i + 2], "big") for i in range(0, len(h), 2))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF
+
+
+def _ipv4(src: str, dst: str, proto: int, payload: bytes) -> bytes:
+    import ipaddress
+    h = bytearray(20)
+    h[0], h[2:4], h[8], h[9] = 0x45, (20 + len(payload)).to_bytes(2, "big"), 64, proto
+    h[12:16], h[16:20] = ipaddress.IPv4Address(src).packed, ipaddress.IPv4Address(dst).packed
+    h[10:12] = _csum(bytes(h)).to_bytes(2, "big")
+    return bytes(h) + payload
+
+
+INNER = _ipv4("10.1.0.1", "10.2.0.1", 17, bytes(20))   # 40 bytes: 2 bytes of ESP padding
+
+
+def esp_in_packet(sa: ChildSaParams) -> bytes:
+    """One valid ESP packet (seq 1, RFC 4106 GCM) for sa's inbound SA, built with `cryptography`
+    (independent of the native module), from the peer to our local address."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    hdr = sa.spi_in.to_bytes(4, "big") + (1).to_bytes(4, "big")
+    iv = bytes(8)
+    pt = INNER + bytes([1, 2, 2, 4])                       # padding 1 2, pad length, next header
+    ct = AESGCM(sa.enc_key_in).encrypt(sa.salt_in + iv, pt, hdr)
+    return _ipv4(sa.remote_addr, sa.local_addr, 50, hdr + iv + ct)
+
+
+def one_packet_each(workers: list, wire: list[bytes], tunnels: list[int], spread: bool) -> float:
+    """Every inbound SA decrypts its packet and every tunnel's outbound SA encrypts one, on worker
+    i mod W (spread) or on every worker. Returns the seconds spent in the batch calls."""
+    from pipeline.esp import PacketBatch
+    nb = 256
+    b = PacketBatch(nb, frame_size=256, headroom=96)
+    spent = 0.0
+    nw = len(workers)
+    for wi, w in enumerate(workers):
+        todo = wire[wi::nw] if spread else wire
+        for j in range(0, len(todo), nb):
+            b.fill(todo[j:j + nb])
+            t = time.perf_counter()
+            ok = w.decrypt(b)
+            spent += time.perf_counter() - t
+            # every worker on every SA: the packet (seq 1) is a replay after the first worker
+            assert ok == b.count if spread else set(b.verdicts()) <= {"ok", "replay"}, \
+                b.verdicts()[:4]
+        todo = tunnels[wi::nw] if spread else tunnels
+        for j in range(0, len(todo), nb):
+            b.count = 0
+            for k, tun in enumerate(todo[j:j + nb]):
+                b.set(k, INNER, tunnel=tun)
+            t = time.perf_counter()
+            ok = w.encrypt(b)
+            spent += time.perf_counter() - t
+            assert ok == b.count, b.verdicts()[:4]
+    return spent
+
+
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -207,19 +274,29 @@ def data_path_rate(store, layout: Layout, fleet: FleetKey, sas: list[ChildSaPara
                    workers: int) -> dict:
     """Rebuild into the real native-ESP installer (pipeline.ipsec.IpsecDataPath); baseline: the
     same installer fed the already decoded SAs in a loop. The baseline's RSS growth per SA is
-    the data path's memory (native SA table and IpsecDataPath's own bookkeeping)."""
+    the data path's memory (native SA table and IpsecDataPath's own bookkeeping), idle, then
+    after one packet through each SA (see the module docstring)."""
     from pipeline.ipsec import IpsecDataPath, TunnelInfo
     n = len(sas)
-    tunnels = {f"{t:032x}": TunnelInfo(f"t{t:06d}", t + 1) for t in range(min(TUNNELS, n))}
+    n_tunnels = min(TUNNELS, n)
+    tunnels = {f"{t:032x}": TunnelInfo(f"t{t:06d}", t + 1) for t in range(n_tunnels)}
     buckets = max(4, min(24, n.bit_length()))     # about one SA per hash bucket
+    wire = [esp_in_packet(sa) for sa in sas]      # before the first RSS reading
     dp = IpsecDataPath(tunnels, max_workers=workers, buckets_log2=buckets)
+    esp_workers = [dp.ctx.worker() for _ in range(workers)]
     rss0 = rss_bytes()
     t = time.perf_counter()
     for sa in sas:
         dp.install(sa)
     direct_s = time.perf_counter() - t
-    rss_per_sa = (rss_bytes() - rss0) / n
+    rss1 = rss_bytes()
     assert len(dp.installed()) == n
+    first_s = one_packet_each(esp_workers, wire, list(range(1, n_tunnels + 1)), spread=True)
+    rss2 = rss_bytes()
+    one_packet_each(esp_workers, wire, list(range(1, n_tunnels + 1)), spread=False)
+    rss3 = rss_bytes()
+    for w in esp_workers:
+        w.close()
     dp.close()
     dp = IpsecDataPath(tunnels, max_workers=workers, buckets_log2=buckets)
     sync = SaSync(SharedState(store, fleet, layout), dp)
@@ -229,7 +306,9 @@ def data_path_rate(store, layout: Layout, fleet: FleetKey, sas: list[ChildSaPara
     assert len(dp.installed()) == n and not sync.drops
     sync.stop()
     dp.close()
-    return {"n": n, "direct_s": direct_s, "rebuild_s": rebuild_s, "rss_per_sa": rss_per_sa}
+    return {"n": n, "direct_s": direct_s, "rebuild_s": rebuild_s, "rss_idle": (rss1 - rss0) / n,
+            "rss_active": (rss2 - rss0) / n, "rss_every": (rss3 - rss0) / n,
+            "first_us": first_s / (n + n_tunnels) * 1e6}
 
 
 def main() -> int:
@@ -304,13 +383,17 @@ def main() -> int:
         rate = dpr["n"] / dpr["rebuild_s"]
         print(f"\nIpsecDataPath with max_workers={a.dp_workers}, {min(TUNNELS, nsas):,} tunnels")
         print("\n| into IpsecDataPath | SAs | rebuild (s) | installs/s | data path alone (s) "
-              "| alone installs/s | rebuild / alone | data-path RSS per SA (bytes) |")
-        print("|---|---:|---:|---:|---:|---:|---:|---:|")
+              "| alone installs/s | rebuild / alone | RSS per SA pair, idle (bytes) "
+              "| after one packet per SA | after every worker saw every SA "
+              "| first packet of an SA on a worker (us) |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         print(f"| sqlite | {dpr['n']:,} | {dpr['rebuild_s']:.2f} | {rate:,.0f} | "
               f"{dpr['direct_s']:.2f} | {dpr['n'] / dpr['direct_s']:,.0f} | "
-              f"{dpr['rebuild_s'] / dpr['direct_s']:.2f} | {dpr['rss_per_sa']:.0f} |")
+              f"{dpr['rebuild_s'] / dpr['direct_s']:.2f} | {dpr['rss_idle']:.0f} | "
+              f"{dpr['rss_active']:.0f} | {dpr['rss_every']:.0f} | {dpr['first_us']:.2f} |")
         print(f"target data path >= 10,000 installs/s: {'met' if rate >= 10_000 else 'missed'}; "
-              f"< 1 KiB per SA: {'met' if dpr['rss_per_sa'] < 1024 else 'missed'}")
+              f"< 1 KiB per SA pair: idle {'met' if dpr['rss_idle'] < 1024 else 'missed'}, "
+              f"after one packet each {'met' if dpr['rss_active'] < 1024 else 'missed'}")
     return 0
 
 
