@@ -16,7 +16,11 @@
    that worker's first packet for an SA), then after one valid packet through every SA (inbound
    SA i decrypted by worker i mod W, outbound SA of tunnel t encrypted by worker t mod W, as RSS
    would spread them), then after every worker has processed every SA (the worst case). The
-   packets are built before the first RSS reading, so they are not counted.
+   packets are built before the first RSS reading, so they are not counted. RSS growth depends
+   on what the process freed before (a full run reuses heap pages its earlier phases freed and
+   reads lower than ``--data-path-only``), so the malloc heap in use (glibc mallinfo2: every
+   arena, so the native module's and libcrypto's allocations, not pymalloc's small objects) is
+   reported beside it: it does not depend on that history.
 
     .venv/bin/python -m bench.bench_store              # full run (1000 paced writes, 200,000 SAs)
     .venv/bin/python -m bench.bench_store --quick      # smoke: 20 writes, 1,000 SAs
@@ -24,6 +28,7 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import multiprocessing as mp
 import os
 import platform
@@ -265,6 +270,20 @@ def one_packet_each(workers: list, wire: list[bytes], tunnels: list[int], spread
     return spent
 
 
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+
+def heap_bytes() -> int:
+    """Bytes of malloc'ed memory in use (glibc >= 2.33 mallinfo2, all arenas, mmap'ed blocks)."""
+    libc = ctypes.CDLL(None)
+    libc.mallinfo2.restype = _Mallinfo2
+    m = libc.mallinfo2()
+    return m.uordblks + m.hblkhd
+
+
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -284,17 +303,17 @@ def data_path_rate(store, layout: Layout, fleet: FleetKey, sas: list[ChildSaPara
     wire = [esp_in_packet(sa) for sa in sas]      # before the first RSS reading
     dp = IpsecDataPath(tunnels, max_workers=workers, buckets_log2=buckets)
     esp_workers = [dp.ctx.worker() for _ in range(workers)]
-    rss0 = rss_bytes()
+    rss0, heap0 = rss_bytes(), heap_bytes()
     t = time.perf_counter()
     for sa in sas:
         dp.install(sa)
     direct_s = time.perf_counter() - t
-    rss1 = rss_bytes()
+    rss1, heap1 = rss_bytes(), heap_bytes()
     assert len(dp.installed()) == n
     first_s = one_packet_each(esp_workers, wire, list(range(1, n_tunnels + 1)), spread=True)
-    rss2 = rss_bytes()
+    rss2, heap2 = rss_bytes(), heap_bytes()
     one_packet_each(esp_workers, wire, list(range(1, n_tunnels + 1)), spread=False)
-    rss3 = rss_bytes()
+    rss3, heap3 = rss_bytes(), heap_bytes()
     for w in esp_workers:
         w.close()
     dp.close()
@@ -308,6 +327,7 @@ def data_path_rate(store, layout: Layout, fleet: FleetKey, sas: list[ChildSaPara
     dp.close()
     return {"n": n, "direct_s": direct_s, "rebuild_s": rebuild_s, "rss_idle": (rss1 - rss0) / n,
             "rss_active": (rss2 - rss0) / n, "rss_every": (rss3 - rss0) / n,
+            "heap": [(h - heap0) / n for h in (heap1, heap2, heap3)],
             "first_us": first_s / (n + n_tunnels) * 1e6}
 
 
@@ -385,12 +405,14 @@ def main() -> int:
         print("\n| into IpsecDataPath | SAs | rebuild (s) | installs/s | data path alone (s) "
               "| alone installs/s | rebuild / alone | RSS per SA pair, idle (bytes) "
               "| after one packet per SA | after every worker saw every SA "
-              "| first packet of an SA on a worker (us) |")
-        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+              "| first packet of an SA on a worker (us) | malloc heap per SA pair: idle "
+              "| after one packet | every worker |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         print(f"| sqlite | {dpr['n']:,} | {dpr['rebuild_s']:.2f} | {rate:,.0f} | "
               f"{dpr['direct_s']:.2f} | {dpr['n'] / dpr['direct_s']:,.0f} | "
               f"{dpr['rebuild_s'] / dpr['direct_s']:.2f} | {dpr['rss_idle']:.0f} | "
-              f"{dpr['rss_active']:.0f} | {dpr['rss_every']:.0f} | {dpr['first_us']:.2f} |")
+              f"{dpr['rss_active']:.0f} | {dpr['rss_every']:.0f} | {dpr['first_us']:.2f} | "
+              + " | ".join(f"{h:.0f}" for h in dpr["heap"]) + " |")
         print(f"target data path >= 10,000 installs/s: {'met' if rate >= 10_000 else 'missed'}; "
               f"< 1 KiB per SA pair: idle {'met' if dpr['rss_idle'] < 1024 else 'missed'}, "
               f"after one packet each {'met' if dpr['rss_active'] < 1024 else 'missed'}")
