@@ -41,8 +41,8 @@ if TYPE_CHECKING:
     from .store.crypto import FleetKey
 
 __all__ = [
-    "Analytics", "Config", "ConfigError", "ConfigErrors", "EtcdState", "GreTunnel", "IkeIdentities",
-    "Interface", "IpsecTunnel", "Node", "Route", "SqliteState", "load", "loads",
+    "Analytics", "Config", "ConfigError", "ConfigErrors", "EtcdState", "FleetNode", "GreTunnel",
+    "IkeIdentities", "Interface", "IpsecTunnel", "Node", "Route", "SqliteState", "load", "loads",
 ]
 
 # --- limits and defaults (one place, so the docs, the checks and the tests agree) -------------
@@ -72,6 +72,7 @@ ANALYTICS_PATH_DEFAULT = "/var/lib/xtransit/analytics.db"
 HISTORY_MAX_BYTES_DEFAULT = 256 << 20
 DROP_SAMPLE_LIMIT_DEFAULT = 100
 ETCD_PREFIX_DEFAULT = "/xtransit/"
+FLEET_NODES_MAX = 1024      # bpf/consts.h XT_MAX_FLEET_NODES (xt_pin_nodes)
 
 ROLES = ("internet", "customer", "both")
 XDP_MODES = ("native", "generic")
@@ -139,6 +140,16 @@ class Node:
     ipsec_domain: str
     tunnel_endpoints: tuple[IPv4Address, ...]
     interfaces: tuple[Interface, ...]
+    # this node's own unicast address for fleet traffic (pinned tunnels' packets carried in
+    # GRE between nodes); None: the node neither forwards to nor receives from a pin node
+    fleet_address: IPv4Address | None = None
+
+
+@dataclass(frozen=True)
+class FleetNode:
+    """``[[fleet.nodes]]``: another node's id and its fleet address (pinned tunnels)."""
+    id: int
+    address: IPv4Address
 
 
 @dataclass(frozen=True)
@@ -195,6 +206,9 @@ class IpsecTunnel:
     dpd_timeout: int = DPD_TIMEOUT_DEFAULT
     index_configured: bool = True
     description: str = ""
+    # the node id that alone encrypts this tunnel's outbound traffic (the others carry it
+    # there in GRE, bpf/pin.h); None: every node encrypts what reaches it
+    pin_node: int | None = None
 
 
 Tunnel = GreTunnel | IpsecTunnel
@@ -249,6 +263,13 @@ class Config:
     routes: tuple[Route, ...]
     state: SqliteState | EtcdState
     analytics: Analytics
+    fleet_nodes: tuple[FleetNode, ...] = ()     # [[fleet.nodes]], this node included or not
+
+    def fleet_address_of(self, node_id: int) -> IPv4Address | None:
+        """The fleet address of node ``node_id`` (this node's from [node])."""
+        if node_id == self.node.id:
+            return self.node.fleet_address
+        return next((n.address for n in self.fleet_nodes if n.id == node_id), None)
 
     @property
     def tunnels(self) -> tuple[Tunnel, ...]:
@@ -553,6 +574,10 @@ def _read_node(ctx: _Ctx, v: Any) -> Node | None:
     name = t.get("name", _label)
     domain = t.get("ipsec_domain", _domain)
     endpoints = t.get("tunnel_endpoints", _list_of(_ipv4))
+    fleet_address = t.get("fleet_address", _ipv4, None)
+    if fleet_address not in (None, _BAD) and endpoints is not _BAD and fleet_address in endpoints:
+        t.error("fleet_address", f"{fleet_address} is one of tunnel_endpoints: the fleet "
+                                 "address must be this node's own unicast address")
     interfaces: list[Interface] = []
     t.known.add("interfaces")
     if "interfaces" not in t.data:
@@ -582,7 +607,7 @@ def _read_node(ctx: _Ctx, v: Any) -> Node | None:
     t.finish()
     if not t.ok:
         return None
-    return Node(node_id, name, domain, endpoints, tuple(interfaces))
+    return Node(node_id, name, domain, endpoints, tuple(interfaces), fleet_address)
 
 
 def _common_tunnel_fields(t: _Table, mtu_default: int, mss_default: int) -> dict[str, Any]:
@@ -702,6 +727,7 @@ def _read_ipsec(t: _Table, name: str) -> dict[str, Any] | None:
     if interval is not _BAD and timeout is not _BAD and interval and timeout <= interval:
         t.error("dpd_timeout", f"must be longer than dpd_interval ({interval}), got {timeout}")
     f["dpd_interval"], f["dpd_timeout"] = interval, timeout
+    f["pin_node"] = t.get("pin_node", _int(0, 65535), None)
     t.finish({"psk": _INLINE_PSK, **_HOSTED_NAMES})
     if not t.ok or psk is None:
         return None
@@ -824,6 +850,70 @@ def _http_address(v: Any) -> IPv4Address:
         raise _Invalid(f"not an IPv4 address: {v!r}") from None
 
 
+def _read_fleet(ctx: _Ctx, node: Node | None, v: Any) -> tuple[FleetNode, ...] | None:
+    """``[fleet]``: ``[[fleet.nodes]]`` with each node's ``id`` and fleet ``address``. The
+    same table may be copied to every node's file: this node's own entry, if listed, must
+    match ``[node] fleet_address``."""
+    t = ctx.table("fleet", v)
+    if t is None:
+        return None
+    out: list[FleetNode] = []
+    t.known.add("nodes")
+    tables = ctx.array_of_tables("fleet.nodes", t.data["nodes"]) if "nodes" in t.data else []
+    if len(tables) > FLEET_NODES_MAX:
+        t.error("nodes", f"{len(tables)} nodes: at most {FLEET_NODES_MAX}")
+    ids: dict[int, str] = {}
+    addrs: dict[IPv4Address, str] = {}
+    endpoints = set(node.tunnel_endpoints) if node else set()
+    for nt in tables:
+        nid = nt.get("id", _int(0, 65535))
+        addr = nt.get("address", _ipv4)
+        nt.finish()
+        if nid is not _BAD:
+            if nid in ids:
+                nt.error("id", f"node id {nid} already listed as {ids[nid]}")
+            ids.setdefault(nid, nt.path)
+        if addr is not _BAD:
+            if addr in addrs:
+                nt.error("address", f"{addr} already listed as {addrs[addr]}")
+            elif addr in endpoints:
+                nt.error("address", f"{addr} is one of node.tunnel_endpoints (the anycast "
+                                    "address): a fleet address is one node's own")
+            addrs.setdefault(addr, nt.path)
+        if node is not None and nt.ok:
+            if nid == node.id and addr != node.fleet_address:
+                mine = node.fleet_address or "not set"
+                nt.error("address", f"this node (id {nid}): {addr} differs from "
+                                    f"node.fleet_address ({mine})")
+            elif nid != node.id and addr == node.fleet_address:
+                nt.error("address", f"{addr} is this node's fleet_address, listed for "
+                                    f"node {nid}")
+        if nt.ok:
+            out.append(FleetNode(nid, addr))
+        else:
+            t.ok = False
+    t.finish()
+    return tuple(out) if t.ok else None
+
+
+def _check_pins(ctx: _Ctx, node: Node, fleet: tuple[FleetNode, ...],
+                tunnels: list[tuple[str, str, dict[str, Any]]]) -> None:
+    """A pinned tunnel needs this node's fleet address and, unless pinned here, the pin
+    node's (``[[fleet.nodes]]``)."""
+    known = {n.id for n in fleet}
+    for kind, path, f in tunnels:
+        pin = f.get("pin_node")
+        if kind != "ipsec" or pin is None:
+            continue
+        if node.fleet_address is None:
+            ctx.error(_join(path, "pin_node"), "a pinned tunnel needs this node's "
+                                               "node.fleet_address (fleet traffic in GRE)")
+        elif pin != node.id and pin not in known:
+            listed = ", ".join(str(i) for i in sorted(known)) or "none"
+            ctx.error(_join(path, "pin_node"), f"node {pin} is not this node (id {node.id}) "
+                                               f"and not in [[fleet.nodes]] (ids: {listed})")
+
+
 # --- cross-table checks ------------------------------------------------------------------------
 
 def _assign_indexes(ctx: _Ctx, tunnels: list[tuple[str, str, dict[str, Any]]]) -> None:
@@ -931,7 +1021,7 @@ def _check_routes(ctx: _Ctx, node: Node | None, declared: dict[str, str],
 
 # --- entry points ------------------------------------------------------------------------------
 
-_TOP = ("node", "tunnels", "routes", "state", "analytics")
+_TOP = ("node", "tunnels", "routes", "state", "analytics", "fleet")
 
 
 def _build(ctx: _Ctx, doc: dict[str, Any], shared: dict[str, Any] | None = None) -> Config | None:
@@ -983,13 +1073,16 @@ def _build(ctx: _Ctx, doc: dict[str, Any], shared: dict[str, Any] | None = None)
     state = (_read_state(ctx, doc["state"]) if top.has("state")
              else SqliteState(ctx.path(SQLITE_PATH_DEFAULT)))
     analytics = _read_analytics(ctx, doc["analytics"]) if top.has("analytics") else Analytics()
+    fleet = _read_fleet(ctx, node, doc["fleet"]) if top.has("fleet") else ()
     top.known.update(_TOP)
     top.finish()
 
     _assign_indexes(ctx, tunnels)
     _check_tunnels(ctx, node, tunnels)
     route_objs = _check_routes(ctx, node, declared, routes, tunnels)
-    if ctx.errors or node is None or state is None or analytics is None:
+    if node is not None and fleet is not None:
+        _check_pins(ctx, node, fleet, tunnels)
+    if ctx.errors or node is None or state is None or analytics is None or fleet is None:
         return None
     gre, ipsec = [], []
     for kind, _path, f in tunnels:
@@ -999,7 +1092,8 @@ def _build(ctx: _Ctx, doc: dict[str, Any], shared: dict[str, Any] | None = None)
         else:
             f["identities"] = _identities(node.ipsec_domain, f["id"], f["account_id"])
             ipsec.append(IpsecTunnel(**f))
-    return Config(ctx.file, node, tuple(gre), tuple(ipsec), tuple(route_objs), state, analytics)
+    return Config(ctx.file, node, tuple(gre), tuple(ipsec), tuple(route_objs), state, analytics,
+                  fleet)
 
 
 def loads(text: str, *, file: str = "<string>", base_dir: str | Path | None = None,

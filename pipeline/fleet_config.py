@@ -60,7 +60,7 @@ def tunnel_table(rec: dict) -> tuple[str, str, dict[str, Any]]:
             raise SchemaError(f"tunnel {rec['name']}: bad psk_source record")
         t["psk_file" if kind == "file" else "psk_env"] = where
         for k in ("allow_null_cipher", "replay_protection", "ike_lifetime", "child_lifetime",
-                  "dpd_interval", "dpd_timeout"):
+                  "dpd_interval", "dpd_timeout", "pin_node"):
             if rec.get(k) is not None:
                 t[k] = rec[k]
     return rec["kind"], rec["name"], t

@@ -369,7 +369,7 @@ CASES = [
      'no interface faces the internet (role "internet" or "both"): tunnels could not arrive'),
     # unknown keys everywhere
     (_set("colour", "blue"), "colour",
-     "unknown key; known keys: analytics, node, routes, state, tunnels"),
+     "unknown key; known keys: analytics, fleet, node, routes, state, tunnels"),
     (_set("node/tunnel_endpoint", ["192.0.2.1"]), "node.tunnel_endpoint",
      "unknown key (did you mean 'tunnel_endpoints'?)"),
     (_set("node/interfaces/0/mtu", 1500), "node.interfaces[0].mtu",

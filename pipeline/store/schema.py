@@ -275,6 +275,8 @@ def encode_tunnel(t: GreTunnel | IpsecTunnel) -> bytes:
             allow_null_cipher=t.allow_null_cipher, replay_protection=t.replay_protection,
             ike_lifetime=t.ike_lifetime, child_lifetime=t.child_lifetime,
             dpd_interval=t.dpd_interval, dpd_timeout=t.dpd_timeout)
+        if t.pin_node is not None:       # only when set: unpinned records stay as they were
+            obj["pin_node"] = t.pin_node
     return _dump(obj)
 
 
