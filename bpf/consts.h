@@ -20,6 +20,8 @@
 #ifndef XT_MAX_TUNNEL_DROPS
 #define XT_MAX_TUNNEL_DROPS 65536
 #endif
+/* Fleet nodes a tunnel can be pinned to (xt_pin_nodes; config.FLEET_NODES_MAX). */
+#define XT_MAX_FLEET_NODES 1024
 /* Equal-priority tunnels one prefix can spread its flows over. */
 #define XT_MAX_ECMP 8
 
@@ -33,7 +35,16 @@
 #define XT_KIND_IPSEC 2
 
 /* struct xt_tunnel.flags */
-#define XT_TUN_F_KEY 0x1 /* the tunnel carries a GRE key */
+#define XT_TUN_F_KEY 0x1     /* the tunnel carries a GRE key */
+#define XT_TUN_F_PIN_FWD 0x2 /* IPsec, pinned to another node: carried there in GRE (pin.h) */
+
+/* xt_endpoints values: what one of our addresses is. */
+#define XT_EP_TUNNEL 1 /* a tunnel endpoint (the anycast address) */
+#define XT_EP_FLEET 2  /* this node's own fleet address: GRE from fleet nodes (pin.h) */
+
+/* xt_gre_decap value of a fleet peer's entry (edge = our fleet address, customer = the
+ * peer's), above every tunnel index. */
+#define XT_DECAP_FLEET_PEER 0xffffffff
 
 /* Protocol numbers and header sizes not spelled out by the kernel headers we include. */
 #define XT_IPPROTO_GRE 47

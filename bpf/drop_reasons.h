@@ -32,6 +32,11 @@
 #define XT_R_ESP_KEEPALIVE 21     // drop: NAT-T keepalive (RFC 3948 2.3: one 0xff byte)
 #define XT_R_ESP_IKE 22           // pass: IKE on UDP 500/4500 (non-ESP marker), to the IKE daemon
 #define XT_R_ESP_NO_WORKER 23     // drop: to be steered, no AF_XDP socket on this RX queue
+#define XT_R_PINNED_FORWARDED 24  // redirect: IPsec tunnel pinned to another node, carried there in GRE
+#define XT_R_PINNED_STEERED 25    // redirect: from a fleet node's GRE, to AF_XDP to encrypt here (pin node)
+#define XT_R_PINNED_NO_NODE 26    // drop: tunnel pinned to a node with no fleet address entry
+#define XT_R_PINNED_UNKNOWN_PEER 27 // drop: GRE to our fleet address from no fleet node
+#define XT_R_PINNED_NO_ROUTE 28   // drop: from a fleet node, inner destination in no customer prefix
 
 /* Retired numbers (never reuse): none yet. */
 

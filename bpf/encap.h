@@ -38,10 +38,11 @@ static __always_inline __u32 xt_gre_hlen(const struct xt_tunnel *t)
 }
 
 /* The mutation: trim the frame to the inner packet, grow the head by outer IPv4 + GRE, move
- * the Ethernet addresses to the new head, write the headers, forward. */
+ * the Ethernet addresses to the new head, write the headers, forward (counted under `reason`
+ * when the fast path sends it: ENCAP_FORWARDED, or PINNED_FORWARDED from pin.h). */
 static __always_inline int xt_gre_push(struct xdp_md *ctx, struct xt_pkt *p,
 				       const struct xt_tunnel *t, __u16 inner_proto,
-				       __u32 inner_len, __u8 tos, __u16 frag_off)
+				       __u32 inner_len, __u8 tos, __u16 frag_off, __u32 reason)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
@@ -76,8 +77,12 @@ static __always_inline int xt_gre_push(struct xdp_md *ctx, struct xt_pkt *p,
 	gre[3] = inner_proto & 0xff;
 	if (t->flags & XT_TUN_F_KEY)
 		*(__be32 *)(gre + XT_GRE_BASE_HLEN) = t->key;
-	return xt_forward_v4(ctx, p, 0, XT_R_ENCAP_FORWARDED);
+	return xt_forward_v4(ctx, p, 0, reason);
 }
+
+/* Into an IPsec tunnel: encrypted here (esp_steer.h) or carried to its pin node (pin.h). */
+static __always_inline int xt_ipsec_out(struct xdp_md *ctx, struct xt_pkt *p,
+					const struct xt_tunnel *t);
 
 /* The route's tunnel, or a verdict: *t set and XT_CONTINUE when the packet goes into a GRE
  * tunnel. */
@@ -95,7 +100,7 @@ static __always_inline int xt_encap_tunnel(struct xdp_md *ctx, struct xt_pkt *p,
 	if (!t || t->kind == XT_KIND_NONE)
 		return xt_verdict(p, XDP_DROP, XT_R_NO_TUNNEL);
 	if (t->kind == XT_KIND_IPSEC)
-		return xt_esp_encap(ctx, p, t);
+		return xt_ipsec_out(ctx, p, t);
 	*out = t;
 	return XT_CONTINUE;
 }
@@ -144,7 +149,8 @@ static __always_inline int xt_encap_v4(struct xdp_md *ctx, struct xt_pkt *p)
 			  (iph->ihl & 0xf) * 4, t->mss);
 	xt_ipv4_dec_ttl(iph);
 	xt_count_encap(p->tunnel, tot);
-	return xt_gre_push(ctx, p, t, ETH_P_IP, tot, iph->tos, frag & XT_IP_DF);
+	return xt_gre_push(ctx, p, t, ETH_P_IP, tot, iph->tos, frag & XT_IP_DF,
+			   XT_R_ENCAP_FORWARDED);
 }
 
 static __always_inline int xt_encap_v6(struct xdp_md *ctx, struct xt_pkt *p)
@@ -186,7 +192,7 @@ static __always_inline int xt_encap_v6(struct xdp_md *ctx, struct xt_pkt *p)
 	ip6h->hop_limit--;
 	tclass = (ip6h->priority << 4) | (ip6h->flow_lbl[0] >> 4);
 	xt_count_encap(p->tunnel, tot);
-	return xt_gre_push(ctx, p, t, ETH_P_IPV6, tot, tclass, XT_IP_DF);
+	return xt_gre_push(ctx, p, t, ETH_P_IPV6, tot, tclass, XT_IP_DF, XT_R_ENCAP_FORWARDED);
 }
 
 #endif /* XT_ENCAP_H */

@@ -7,10 +7,12 @@
 #ifndef XT_MAPS_H
 #define XT_MAPS_H
 
-/* Our tunnel endpoints (outer destinations we decapsulate for): address -> 1. */
+/* Our addresses: tunnel endpoints (outer destinations we decapsulate for) -> XT_EP_TUNNEL,
+ * this node's fleet address -> XT_EP_FLEET. */
 BPF_HASH(xt_endpoints, __be32, __u32, XT_MAX_ENDPOINTS);
 
-/* GRE tunnel lookup on decapsulation: (edge, customer, key) -> tunnel index. */
+/* GRE tunnel lookup on decapsulation: (edge, customer, key) -> tunnel index; (our fleet
+ * address, a fleet node's, no key) -> XT_DECAP_FLEET_PEER. */
 BPF_HASH(xt_gre_decap, struct xt_decap_key, __u32, XT_MAX_TUNNELS);
 
 /* Tunnel parameters by tunnel index (the config's `index`). */
@@ -19,6 +21,10 @@ BPF_ARRAY(xt_tunnels, struct xt_tunnel, XT_MAX_TUNNELS);
 /* Customer prefixes, IPv4 and IPv6 inner destinations -> tunnels (struct xt_route). */
 BPF_LPM_TRIE(xt_routes4, struct xt_lpm4, struct xt_route, XT_MAX_PREFIXES);
 BPF_LPM_TRIE(xt_routes6, struct xt_lpm6, struct xt_route, XT_MAX_PREFIXES);
+
+/* Pinned tunnels: node id -> the GRE "tunnel" that carries packets to that node (edge = our
+ * fleet address, customer = the node's; encap.h's xt_gre_push builds from it). */
+BPF_HASH(xt_pin_nodes, __u32, struct xt_tunnel, XT_MAX_FLEET_NODES);
 
 /* Per-tunnel packets and bytes in each direction, per CPU, by tunnel index. */
 BPF_PERCPU_ARRAY(xt_tunnel_stats, struct xt_tunnel_stats, XT_MAX_TUNNELS);

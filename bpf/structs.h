@@ -27,7 +27,8 @@ struct xt_tunnel {
 	__u16 mtu;       /* largest inner packet carried (bytes, L3) */
 	__u16 mss;       /* TCP MSS clamp in both directions */
 	__u8 ttl;        /* outer TTL */
-	__u8 pad[3];
+	__u8 pad;
+	__u16 pin_node;  /* with XT_TUN_F_PIN_FWD: the node (xt_pin_nodes key) that encrypts */
 };
 
 /* Prefix keys for the LPM tries (prefixlen first, as BPF_MAP_TYPE_LPM_TRIE requires). */
@@ -75,6 +76,7 @@ struct xt_pkt {
 	__u32 tunnel; /* tunnel index once known, 0 before */
 	__u16 mss;    /* nonzero: clamp the TCP MSS option to this at the exit */
 	__u16 l4_off; /* ... of the TCP header this many bytes into the final frame */
+	__u32 from_fleet; /* decapsulated from a fleet node's GRE (pin.h): never forwarded again */
 };
 
 #endif /* XT_STRUCTS_H */

@@ -2,12 +2,13 @@
  *
  * It only dispatches: each concern lives in its own header (consts, reasons, structs, maps,
  * checksums, parsers, counters, MSS clamping, forwarding, routing, ICMP, encapsulation, GRE
- * decapsulation, ESP steering), and every packet leaves through one exit: xt_account()
+ * decapsulation, ESP steering, pinned tunnels), and every packet leaves through one exit: xt_account()
  * (stats.h), which counts it under exactly one reason, then the MSS clamp the stage asked for
  * (mss.h).
  *
  *   IPv4 to one of our endpoints:  ESP steering hook (esp_steer.h), then GRE decap (gre.h);
  *                                  anything else to the endpoint is the kernel's (IKE, ICMP).
+ *   IPv4 to our fleet address:     GRE from a fleet node for a tunnel pinned here (pin.h).
  *   IPv4 / IPv6 to a customer prefix: encapsulation into the prefix's tunnel (encap.h).
  *   Anything else passes untouched.
  *
@@ -43,6 +44,7 @@
 #include "esp_steer.h"
 #include "encap.h"
 #include "gre.h"
+#include "pin.h"
 
 static __always_inline int xt_dispatch(struct xdp_md *ctx, struct xt_pkt *p)
 {
@@ -52,6 +54,7 @@ static __always_inline int xt_dispatch(struct xdp_md *ctx, struct xt_pkt *p)
 	struct ethhdr *eth;
 	struct iphdr *iph;
 	__be32 daddr;
+	__u32 *ep;
 	int proto, l4, action;
 
 	proto = xt_parse_eth(&c, data_end, &eth);
@@ -60,7 +63,10 @@ static __always_inline int xt_dispatch(struct xdp_md *ctx, struct xt_pkt *p)
 		if (l4 < 0)
 			return xt_verdict(p, XDP_PASS, XT_R_NOT_OURS);
 		daddr = iph->daddr;
-		if (xt_endpoints.lookup(&daddr)) {
+		ep = xt_endpoints.lookup(&daddr);
+		if (ep) {
+			if (*ep == XT_EP_FLEET)
+				return xt_pin_ingress(ctx, p, l4);
 			/* ESP / ESP-in-UDP steering (the AF_XDP issue); a no-op stub without it */
 			action = xt_esp_ingress(ctx, p, iph, l4);
 			if (action != XT_CONTINUE)

@@ -388,9 +388,10 @@ tunnel = "plain"
     inner = IP(src=OUTSIDE, dst=HOST, ttl=20) / UDP()
     res = run(fwd_ns, prog, bytes(Ether(dst=INET_MAC, src=INET_PEER) / inner), ingress="inet0")
     assert res.packet == encap_expected(inner, key=None, df=False)
-    assert changed == {"routes4": 3, "routes6": 1, "tunnels": 0, "decap": 0, "endpoints": 0}
+    assert changed == {"routes4": 3, "routes6": 1, "tunnels": 0, "decap": 0, "endpoints": 0,
+                       "pin_nodes": 0}
     assert dp.apply(cfg) == {"routes4": 0, "routes6": 0, "tunnels": 0, "decap": 0,
-                             "endpoints": 0}
+                             "endpoints": 0, "pin_nodes": 0}
 
 
 def test_encap_ipv6_syn_clamped(dp, prog, fwd_ns):

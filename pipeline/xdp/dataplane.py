@@ -47,10 +47,13 @@ MODE_FLAGS = {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}
 # IFLA_XDP_ATTACHED (XDP_ATTACHED_DRV / _SKB), as a number or as pyroute2 decodes it
 ATTACHED_MODE = {1: "native", 2: "generic", "xdp": "native", "xdpgeneric": "generic"}
 KIND_GRE, KIND_IPSEC = 1, 2                    # bpf/consts.h XT_KIND_*
-TUN_F_KEY = 0x1
+TUN_F_KEY, TUN_F_PIN_FWD = 0x1, 0x2
+EP_TUNNEL, EP_FLEET = 1, 2                     # xt_endpoints values
+DECAP_FLEET_PEER = 0xFFFFFFFF                  # xt_gre_decap value of a fleet node's entry
+PIN_TTL = 64                                   # outer TTL of GRE between fleet nodes
 MAX_ECMP = 8
 MAPS = ("xt_endpoints", "xt_gre_decap", "xt_tunnels", "xt_routes4", "xt_routes6",
-        "xt_tunnel_stats", "xt_reason_stats", "xt_tunnel_drops")
+        "xt_pin_nodes", "xt_tunnel_stats", "xt_reason_stats", "xt_tunnel_drops")
 CLONE_NEWNET = 0x40000000
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -182,11 +185,12 @@ def _be32(addr: ipaddress.IPv4Address | None) -> int:
 @dataclass(frozen=True)
 class MapState:
     """What the configuration maps should hold, as plain values (diffable)."""
-    endpoints: frozenset[int]
+    endpoints: dict[int, int]                             # address -> EP_TUNNEL / EP_FLEET
     decap: dict[tuple[int, int, int, int], int]          # (edge, customer, key, has_key) -> index
     tunnels: dict[int, tuple]                             # index -> xt_tunnel fields
     routes4: dict[tuple[int, bytes], tuple[int, ...]]    # (prefixlen, addr) -> tunnel indexes
     routes6: dict[tuple[int, bytes], tuple[int, ...]]
+    pin_nodes: dict[int, tuple] = field(default_factory=dict)   # node id -> xt_tunnel fields
 
 
 def desired_state(cfg: Config, max_tunnels: int = 65536) -> MapState:
@@ -199,12 +203,15 @@ def desired_state(cfg: Config, max_tunnels: int = 65536) -> MapState:
             key = t.key if t.key is not None else 0
             tunnels[t.index] = (KIND_GRE, TUN_F_KEY if t.key is not None else 0,
                                 _be32(t.edge_endpoint), _be32(t.customer_endpoint),
-                                _raw32(key.to_bytes(4, "big")), t.mtu, t.mss, t.ttl)
+                                _raw32(key.to_bytes(4, "big")), t.mtu, t.mss, t.ttl, 0)
             decap[(_be32(t.edge_endpoint), _be32(t.customer_endpoint),
                    _raw32(key.to_bytes(4, "big")), int(t.key is not None))] = t.index
         elif isinstance(t, IpsecTunnel):
-            tunnels[t.index] = (KIND_IPSEC, 0, _be32(t.edge_endpoint),
-                                _be32(t.customer_endpoint), 0, t.mtu, t.mss, t.ttl)
+            # pinned to another node: carried there in GRE (bpf/pin.h) instead of encrypted
+            elsewhere = t.pin_node is not None and t.pin_node != cfg.node.id
+            tunnels[t.index] = (KIND_IPSEC, TUN_F_PIN_FWD if elsewhere else 0,
+                                _be32(t.edge_endpoint), _be32(t.customer_endpoint), 0, t.mtu,
+                                t.mss, t.ttl, t.pin_node if elsewhere else 0)
     by_prefix: dict = {}
     for r in cfg.routes:
         by_prefix.setdefault(r.prefix, []).append((r.priority, cfg.tunnel(r.tunnel).index))
@@ -217,8 +224,23 @@ def desired_state(cfg: Config, max_tunnels: int = 65536) -> MapState:
                                  f"the data plane spreads over at most {MAX_ECMP}")
         target = routes4 if prefix.version == 4 else routes6
         target[(prefix.prefixlen, prefix.network_address.packed)] = chosen
-    return MapState(frozenset(_be32(a) for a in cfg.node.tunnel_endpoints), decap, tunnels,
-                    routes4, routes6)
+    endpoints = {_be32(a): EP_TUNNEL for a in cfg.node.tunnel_endpoints}
+    pin_nodes = {}
+    me = cfg.node.fleet_address
+    if me is not None:
+        # our fleet address receives GRE from every other fleet node (pinned tunnels), and
+        # each of them gets the GRE entry that carries packets there
+        endpoints[_be32(me)] = EP_FLEET
+        for n in cfg.fleet_nodes:
+            if n.id == cfg.node.id:
+                continue
+            decap[(_be32(me), _be32(n.address), 0, 0)] = DECAP_FLEET_PEER
+            pin_nodes[n.id] = (KIND_GRE, 0, _be32(me), _be32(n.address), 0, 0, 0, PIN_TTL, 0)
+    for i, v in tunnels.items():
+        if v[1] & TUN_F_PIN_FWD and v[8] not in pin_nodes:
+            raise DataplaneError(f"tunnel index {i}: pinned to node {v[8]}, whose fleet address "
+                                 "is unknown here ([[fleet.nodes]], node.fleet_address)")
+    return MapState(endpoints, decap, tunnels, routes4, routes6, pin_nodes)
 
 
 def _diff(old: dict, new: dict) -> tuple[dict, list]:
@@ -300,17 +322,23 @@ class Dataplane:
         """Make the maps match ``cfg`` by individual updates, adding before removing so no
         packet sees a route to a missing tunnel. Returns how many entries each map changed."""
         new = desired_state(cfg, self._max_tunnels())
-        old = self._state or MapState(frozenset(), {}, {}, {}, {})
+        old = self._state or MapState({}, {}, {}, {}, {})
         p = self.program
         tun, ep, dec = p.table("xt_tunnels"), p.table("xt_endpoints"), p.table("xt_gre_decap")
         r4, r6 = p.table("xt_routes4"), p.table("xt_routes6")
+        pins = p.table("xt_pin_nodes")
         changed: dict[str, int] = {}
+        # a tunnel entry never names a pin node before that node's entry exists
+        n_put, n_del = _diff(old.pin_nodes, new.pin_nodes)
+        for k, v in n_put.items():
+            pins[pins.Key(k)] = self._tunnel_leaf(pins, v)
         t_put, t_del = _diff(old.tunnels, new.tunnels)
         for i, v in t_put.items():
             tun[tun.Key(i)] = self._tunnel_leaf(tun, v)
             p.touched.add(i)
-        for e in new.endpoints - old.endpoints:
-            ep[ep.Key(e)] = ep.Leaf(1)
+        e_put, e_del = _diff(old.endpoints, new.endpoints)
+        for e, kind in e_put.items():
+            ep[ep.Key(e)] = ep.Leaf(kind)
         d_put, d_del = _diff(old.decap, new.decap)
         for k, i in d_put.items():
             dec[dec.Key(*k)] = dec.Leaf(i)
@@ -329,12 +357,14 @@ class Dataplane:
                                                     new.routes6)[0])
         for k in d_del:
             del dec[dec.Key(*k)]
-        for e in old.endpoints - new.endpoints:
+        for e in e_del:
             del ep[ep.Key(e)]
         for i in t_del:
             tun[tun.Key(i)] = tun.Leaf()   # an array slot cannot be deleted: zero it (kind 0)
+        for k in n_del:
+            del pins[pins.Key(k)]
         changed.update(tunnels=len(t_put) + len(t_del), decap=len(d_put) + len(d_del),
-                       endpoints=len(new.endpoints ^ old.endpoints))
+                       endpoints=len(e_put) + len(e_del), pin_nodes=len(n_put) + len(n_del))
         self.config, self._state = cfg, new
         return changed
 
@@ -357,7 +387,7 @@ class Dataplane:
     def _tunnel_leaf(table, v: tuple):
         leaf = table.Leaf()
         (leaf.kind, leaf.flags, leaf.edge, leaf.customer, leaf.key, leaf.mtu, leaf.mss,
-         leaf.ttl) = v
+         leaf.ttl, leaf.pin_node) = v
         return leaf
 
     @staticmethod
@@ -382,7 +412,7 @@ class Dataplane:
         freshly loaded program's arrays are zero already)."""
         p = self.program
         for name in ("xt_endpoints", "xt_gre_decap", "xt_routes4", "xt_routes6",
-                     "xt_tunnel_drops", "xt_reason_stats"):
+                     "xt_pin_nodes", "xt_tunnel_drops", "xt_reason_stats"):
             p.table(name).clear()
         slots = p.touched | {t.index for t in self.config.tunnels}
         for name in ("xt_tunnels", "xt_tunnel_stats"):
