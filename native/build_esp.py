@@ -9,62 +9,25 @@ Environment knobs (used by ``make sanitize``, never by the normal install):
 Run directly (``python native/build_esp.py OUTDIR``) to build a copy into OUTDIR.
 """
 import os
-import re
 import sys
 from pathlib import Path
 
-from cffi import FFI
+sys.path.insert(0, str(Path(__file__).resolve().parent))   # cffi runs this file by path
+from cffi_common import module
 
-HERE = Path(__file__).resolve().parent
 SOURCES = ["esp.c", "esp_data.c", "esp_replay.c", "esp_bench.c"]
+C_ONLY = r"#if !defined\(XT_ESP_CDEF\).*?#endif /\* XT_ESP_C_ONLY end \*/"
 
-
-def cdef_from_header(text: str) -> str:
-    """The header as cffi sees it: no C-only block, no preprocessor lines except int #defines."""
-    text = re.sub(r"#if !defined\(XT_ESP_CDEF\).*?#endif /\* XT_ESP_C_ONLY end \*/", "", text,
-                  flags=re.DOTALL)
-    out = []
-    for line in text.splitlines():
-        s = line.strip()
-        if s.startswith("#"):
-            m = re.match(r"#define\s+(XT_\w+)\s+(-?\d+)\b", s)
-            if m:
-                out.append(f"#define {m.group(1)} {m.group(2)}")
-            continue
-        out.append(line)
-    return "\n".join(out)
-
-
-def _rel(p: Path) -> str:
-    # setuptools wants sources relative to the project root when it drives the build; run as a
-    # script, ffi.compile() changes into its output folder, so paths must be absolute there
-    if __name__ == "__main__":
-        return str(p)
-    try:
-        return os.path.relpath(p)
-    except ValueError:
-        return str(p)
-
-
-CFLAGS = ["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter"]
-LDFLAGS: list[str] = []
+CFLAGS = None
+LDFLAGS = None
 if os.environ.get("XT_ESP_SANITIZE") == "1":
     CFLAGS = ["-O1", "-g", "-std=gnu11", "-fsanitize=address,undefined",
               "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer"]
     LDFLAGS = ["-fsanitize=address,undefined"]
 
-ffi = FFI()
-ffi.cdef(cdef_from_header((HERE / "esp.h").read_text()))
-ffi.set_source(
-    "pipeline._esp",
-    '#include "esp.h"\n',
-    sources=[_rel(HERE / s) for s in SOURCES],
-    include_dirs=[_rel(HERE)],
-    libraries=["crypto"],
-    extra_compile_args=CFLAGS,
-    extra_link_args=LDFLAGS,
-    depends=[_rel(HERE / h) for h in ("esp.h", "esp_internal.h", "esp_replay.h")],
-)
+ffi = module("_esp", "esp.h", SOURCES, libraries=["crypto"],
+             depends=["esp.h", "esp_internal.h", "esp_replay.h"], c_only=C_ONLY,
+             cflags=CFLAGS, ldflags=LDFLAGS, as_script=__name__ == "__main__")
 
 if __name__ == "__main__":
     ffi.compile(tmpdir=sys.argv[1] if len(sys.argv) > 1 else ".", verbose=True)
