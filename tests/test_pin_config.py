@@ -154,3 +154,11 @@ def test_desired_maps():
     assert st.tunnels[7][1] == TUN_F_PIN_FWD and st.tunnels[7][8] == 1
     here = desired_state(loads(text(tunnel_extra="pin_node = 2"), file="f.toml", env=ENV))
     assert here.tunnels[7][1] == 0 and here.tunnels[7][8] == 0     # pinned here: encrypt
+
+
+def test_config_check_shows_the_fleet_and_the_pin():
+    from pipeline.commands.config import summary
+    lines = summary(loads(text(), file="f.toml", env=ENV))
+    assert "fleet       this node 172.31.0.2; others 1=172.31.0.1" in lines
+    row = next(line for line in lines if line.startswith("site "))
+    assert row.endswith("pinned-to-node=1")

@@ -45,6 +45,8 @@ def _options(t: GreTunnel | IpsecTunnel) -> str:
         opts.append("null-cipher-allowed")
     if t.replay_protection:
         opts.append("replay-protection")
+    if t.pin_node is not None:
+        opts.append(f"pinned-to-node={t.pin_node}")
     return " ".join(opts)
 
 
@@ -60,6 +62,10 @@ def summary(cfg: Config) -> list[str]:
         f"ipsec       identities <tunnel id>.<account id>.ipsec.{n.ipsec_domain}",
         "",
     ]
+    if n.fleet_address is not None or cfg.fleet_nodes:
+        others = ", ".join(f"{f.id}={f.address}" for f in cfg.fleet_nodes if f.id != n.id)
+        lines[-1:-1] = [(f"fleet       this node {n.fleet_address or '(no fleet_address)'}; "
+                         f"others {others or 'none'}")]
     tunnels = cfg.tunnels
     if tunnels:
         rows = [[t.name, t.kind, f"{t.index}{'' if t.index_configured else '*'}", t.id,
