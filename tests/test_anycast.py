@@ -128,7 +128,8 @@ class NsForwarder:
 # --- configuration --------------------------------------------------------------------------
 
 def node_config(x: int, name: str, cluster: EtcdCluster, tmp: Path, prefix: str,
-                dpd: tuple[int, int] = (0, 150)) -> str:
+                dpd: tuple[int, int] = (0, 150), node_extra: str = "", tunnel_extra: str = "",
+                tail: str = "") -> str:
     eps = ", ".join(f'"{e}"' for e in cluster.endpoints)
     return f"""
 [node]
@@ -136,6 +137,7 @@ id = {x}
 name = "{name}"
 ipsec_domain = "{DOMAIN}"
 tunnel_endpoints = ["{ANYCAST}"]
+{node_extra}
 
 [[node.interfaces]]
 name = "inet0"
@@ -156,6 +158,7 @@ interface_address = "10.255.0.0/31"
 psk_file = "{tmp / 'site-any.psk'}"
 dpd_interval = {dpd[0]}
 dpd_timeout = {dpd[1]}
+{tunnel_extra}
 
 [[routes]]
 prefix = "{SITE_PREFIX}"
@@ -173,6 +176,7 @@ prefix = "{prefix}"
 [analytics]
 http_port = 0
 history_file = "{tmp / f'analytics-{x}.db'}"
+{tail}
 """
 
 
@@ -236,11 +240,13 @@ class Anycast:
         self.current = x
 
     # daemons
+    def config_text(self, x: int) -> str:
+        return node_config(x, self.names[x], self.cluster, self.tmp, self.prefix, self.dpd)
+
     def start(self) -> None:
         for x in NODES:
             cfg = self.tmp / f"edge{x}.toml"
-            cfg.write_text(node_config(x, self.names[x], self.cluster, self.tmp, self.prefix,
-                                       self.dpd))
+            cfg.write_text(self.config_text(x))
             d = Daemon(f"edge{x}", self.edges[x], cfg, self.tmp / f"edge{x}.log")
             d.start()
             self.daemons[x] = d
