@@ -36,6 +36,7 @@ def test_rows_from_status_and_counters():
              r["child_sas"]) for r in rows] == [("g", "up", 4, 3, None, None),
                                                 ("s", "up", 7, 5, 1, 1)]
     assert rows[1]["peer"] == "203.0.113.9:4500" and rows[1]["customer"] == "(dynamic)"
+    assert rows[1]["pin_node"] is None
     lines = render(rows)
     assert lines[0].split() == ["TUNNEL", "TYPE", "INDEX", "EDGE", "CUSTOMER", "STATE", "IKE/CHILD",
                                 "SAS", "PKTS", "IN", "PKTS", "OUT"]
@@ -61,6 +62,7 @@ def test_cli_without_a_daemon(tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines()[0] == "tunnel      s (ipsec, index 2, id s1)"
     assert "psk from env:T_PSK" in r.stdout and "x" * 32 not in r.stdout
+    assert "encrypts    not pinned (each node encrypts what reaches it)" in r.stdout
     r = subprocess.run([sys.executable, "-m", "pipeline.cli", "tunnel", "show", "-c", str(cfg),
                         "nope"], capture_output=True, text=True, cwd=REPO, env=env, timeout=60,
                        check=False)

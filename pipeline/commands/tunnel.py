@@ -58,6 +58,7 @@ def tunnel_rows(cfg, status: dict[str, Any], counters: maps.Counters | None) -> 
             row["packets_out"] = e["in"]["packets"] if e else None   # decrypted
             row["packets_in"] = e["out"]["packets"] if e else None   # encrypted
             row["ike_sas"], row["child_sas"] = len(ikes), children
+            row["pin_node"] = t.pin_node        # None: every node encrypts its own share
             if ikes:
                 row["peer"] = ikes[-1].get("peer")
         rows.append(row)
@@ -145,6 +146,10 @@ def show(config_file: str, name: str) -> None:
              "routes      " + (", ".join(f"{r.prefix} (priority {r.priority})"
                                          for r in cfg.routes_for(name)) or "none")]
     if t.kind == "ipsec":
+        pin = ("not pinned (each node encrypts what reaches it)" if t.pin_node is None else
+               f"node {t.pin_node}" + (" (this node)" if t.pin_node == cfg.node.id else
+                                       ": other nodes carry its traffic there in GRE"))
+        lines.append(f"encrypts    {pin}")
         lines.append(f"identities  {t.identities.fqdn}, {t.identities.user_fqdn}, key id "
                      f"{t.identities.key_id.decode(errors='replace')}; psk from {t.psk_source}")
         for sa in status.get("ike_sas") or ():
