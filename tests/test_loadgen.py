@@ -341,7 +341,8 @@ def test_cost_rig_times_every_run_on_the_template(rates):
     """A plain repeated test run drifts: the reference forwarder decrements the TTL of the one
     buffer until it passes the packet to the kernel (TTL 1), and push4 runs out of headroom.
     Through the rig every run sees the template: the forwarder redirects every time, push4
-    passes every time (its head is moved back), and the costs are positive."""
+    passes every time (its head is moved back); ``expect`` checks the verdict of every timed
+    run. (The costs themselves are timing: bench/, not asserted here.)"""
     from bcc import BPF
 
     from pipeline.xdp import testrun
@@ -362,11 +363,10 @@ def test_cost_rig_times_every_run_on_the_template(rates):
                                ingress_ifindex=d0).action is XdpAction.PASS
             assert testrun.run(push4.fd, frame.data, repeat=100).action is XdpAction.ABORTED
         with lg.CostRig(frame, tx.fd) as rig:
-            c_fwd = rig.cost_ns(fwd_fn.fd, ns=topo.dut, ifname="d0", repeat=1000, rounds=1,
-                                expect=XdpAction.REDIRECT)
-            c_push = rig.cost_ns(push4.fd, ns=topo.dut, ifname="d0", repeat=1000, rounds=1,
-                                 expect=XdpAction.PASS)
-            assert c_fwd > 0 and c_push > 0
+            rig.cost_ns(fwd_fn.fd, ns=topo.dut, ifname="d0", repeat=1000, rounds=1,
+                        expect=XdpAction.REDIRECT)
+            rig.cost_ns(push4.fd, ns=topo.dut, ifname="d0", repeat=1000, rounds=1,
+                        expect=XdpAction.PASS)
             assert rig.counters()["errors"] == 0
             with pytest.raises(lg.LoadGenError, match="expected"):
                 rig.cost_ns(fwd_fn.fd, ns=topo.dut, ifname="d0", repeat=10, rounds=1,
