@@ -6,6 +6,7 @@
 #include <bpf/bpf.h>
 #include <errno.h>
 #include <linux/if_ether.h>
+#include <arpa/inet.h>
 #include <linux/if_xdp.h>
 #include <net/if.h>
 #include <poll.h>
@@ -14,6 +15,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 #include <xdp/xsk.h>
 
@@ -31,8 +33,47 @@ struct rx_sock {
     struct xsk_socket *xsk;
     struct xsk_ring_cons rx;
     struct xsk_ring_prod fill;
-    struct xsk_ring_cons comp; /* unused (no TX on RX sockets) but owned by this socket's ctx */
+    struct xsk_ring_cons comp; /* this socket's ctx: completions of its TX ring when it has one */
+    struct xsk_ring_prod tx;   /* used when the device is a direct egress device */
+    int has_tx;
 };
+
+/* A TX ring the worker sends on: the internal veth (port 0) or a direct egress device. */
+struct port {
+    struct xsk_ring_prod *tx;
+    struct xsk_ring_cons *comp;
+    int fd;
+    uint32_t ifindex;
+    uint64_t sent, completed;
+    /* a TX-only socket of its own (NULL when an RX socket's TX ring is used) */
+    struct xsk_socket *own;
+    struct xsk_ring_prod own_tx, own_fill;
+    struct xsk_ring_cons own_comp;
+    int err; /* -errno when the direct socket could not be made */
+};
+
+/* Next-hop cache entry: the kernel FIB's answer for one lookup key (see xsk.h). */
+struct nh_entry {
+    uint64_t key[5];
+    uint32_t gen;
+    uint32_t expires_ms;
+    int32_t port;      /* index into ports[] (>= 1), or 0: the internal veth */
+    uint32_t mtu;
+    uint8_t smac[6], dmac[6];
+};
+
+/* bpf/nexthop.h struct xt_nh_result */
+struct nh_result {
+    uint32_t magic;
+    int32_t rc;
+    uint32_t ifindex;
+    uint32_t mtu;
+    uint8_t smac[6];
+    uint8_t dmac[6];
+};
+
+#define SLOW_PORT 0
+#define MAX_PORTS (1 + XT_XSK_MAX_DIRECT)
 
 typedef unsigned (*batch_fn)(struct xt_esp_worker *, struct xt_pkt *, unsigned);
 
@@ -47,6 +88,14 @@ struct xt_xsk {
     struct xsk_ring_prod tx;
     struct xsk_ring_prod tx_fill; /* never filled: nothing is received on the TX device */
     struct xsk_ring_cons tx_comp;
+    struct port ports[MAX_PORTS]; /* [0] = the internal veth, [1..n_direct] direct devices */
+    unsigned n_ports;
+    struct nh_entry *nh;          /* [XT_XSK_NH_SLOTS] */
+    uint32_t nh_gen;              /* the cache's generation; entries of another one are stale */
+    uint32_t nh_flush_req;        /* bumped by xt_xsk_nh_flush() from any thread */
+    uint32_t nh_ttl_ms;
+    uint32_t nh_flush_seen;
+    int direct_status[XT_XSK_MAX_DIRECT];
     uint64_t *free_stack;
     uint32_t n_free, n_frames;
     uint32_t frame_size, ring_size, batch;
@@ -61,6 +110,9 @@ struct xt_xsk {
     uint64_t dbase[XT_XSK_MAX_BATCH], ebase[XT_XSK_MAX_BATCH];
     uint32_t dsrc[XT_XSK_MAX_BATCH];  /* outer source address of an ESP-in-UDP frame */
     uint16_t dsport[XT_XSK_MAX_BATCH];/* its UDP source port, 0 for raw ESP */
+    uint8_t oport[2 * XT_XSK_MAX_BATCH];     /* per good frame: the port it leaves on */
+    uint8_t omac[2 * XT_XSK_MAX_BATCH][12];  /* and its Ethernet destination + source */
+    struct xt_pkt *opk[2 * XT_XSK_MAX_BATCH];
 };
 
 static void errf(char *err, size_t errlen, const char *fmt, const char *a, int e)
@@ -82,6 +134,58 @@ static inline void frame_free(struct xt_xsk *x, uint64_t addr)
 static void refill(struct xt_xsk *x, struct rx_sock *s);
 
 static unsigned pow2_ok(uint32_t v) { return v && !(v & (v - 1)); }
+
+/* Direct egress device d of the config: the TX ring of our RX socket there, or a TX-only socket
+ * on direct_queue[d]. A device that cannot have one keeps its status (-errno) and its frames take
+ * the internal veth; that is not an error of the worker. */
+static void add_direct(struct xt_xsk *x, unsigned d, const struct xsk_socket_config *scfg)
+{
+    char name[XT_XSK_IFNAMSIZ + 1] = {0};
+    struct port *pt = &x->ports[x->n_ports];
+    int rc = 0;
+
+    memcpy(name, x->cfg.direct_ifname[d], XT_XSK_IFNAMSIZ);
+    uint32_t ifindex = if_nametoindex(name);
+    if (ifindex == 0) {
+        x->direct_status[d] = -ENODEV;
+        return;
+    }
+    for (unsigned p = 1; p < x->n_ports; p++)
+        if (x->ports[p].ifindex == ifindex) {
+            x->direct_status[d] = (int)ifindex; /* named twice */
+            return;
+        }
+    memset(pt, 0, sizeof(*pt));
+    for (unsigned i = 0; i < x->n_rx; i++) {
+        struct rx_sock *s = &x->rx[i];
+        if (s->has_tx && strncmp(x->cfg.rx_ifname[i], name, XT_XSK_IFNAMSIZ) == 0) {
+            pt->tx = &s->tx;
+            pt->comp = &s->comp;
+            pt->fd = xsk_socket__fd(s->xsk);
+            break;
+        }
+    }
+    if (!pt->tx) {
+        for (int tries = 0; tries < BUSY_RETRIES; tries++) {
+            rc = xsk_socket__create_shared(&pt->own, name, x->cfg.direct_queue[d], x->umem, NULL,
+                                           &pt->own_tx, &pt->own_fill, &pt->own_comp, scfg);
+            if (rc != -EBUSY)
+                break;
+            usleep(BUSY_WAIT_US);
+        }
+        if (rc) {
+            pt->own = NULL;
+            x->direct_status[d] = rc;
+            return;
+        }
+        pt->tx = &pt->own_tx;
+        pt->comp = &pt->own_comp;
+        pt->fd = xsk_socket__fd(pt->own);
+    }
+    pt->ifindex = ifindex;
+    x->direct_status[d] = (int)ifindex;
+    x->n_ports++;
+}
 
 struct xt_xsk *xt_xsk_new(const struct xt_xsk_config *cfg, char *err, size_t errlen)
 {
@@ -122,6 +226,12 @@ struct xt_xsk *xt_xsk_new(const struct xt_xsk_config *cfg, char *err, size_t err
             return NULL;
         }
     }
+    if (cfg->n_direct > XT_XSK_MAX_DIRECT || (cfg->n_direct && cfg->nh_prog_fd <= 0)) {
+        errf(err, errlen, "%s: at most 8 direct devices, each needing the next-hop lookup "
+             "program (%s)", "config", EINVAL);
+        free(x);
+        return NULL;
+    }
     x->esp = (struct xt_esp_worker *)cfg->esp_worker;
     x->decrypt = (batch_fn)cfg->esp_decrypt;
     x->encrypt = (batch_fn)cfg->esp_encrypt;
@@ -137,7 +247,11 @@ struct xt_xsk *xt_xsk_new(const struct xt_xsk_config *cfg, char *err, size_t err
         x->natt = calloc(NATT_TUNNELS, sizeof(uint64_t));
         x->natt_owned = 1;
     }
-    if (x->area == MAP_FAILED || !x->free_stack || !x->natt) {
+    x->nh_ttl_ms = cfg->nh_ttl_ms ? cfg->nh_ttl_ms : 1000;
+    x->nh_gen = 1; /* the zeroed entries carry generation 0: all stale */
+    if (cfg->n_direct)
+        x->nh = calloc(XT_XSK_NH_SLOTS, sizeof(*x->nh));
+    if (x->area == MAP_FAILED || !x->free_stack || !x->natt || (cfg->n_direct && !x->nh)) {
         if (x->area == MAP_FAILED)
             x->area = NULL;
         errf(err, errlen, "%s: %s", "UMEM", ENOMEM);
@@ -172,13 +286,22 @@ struct xt_xsk *xt_xsk_new(const struct xt_xsk_config *cfg, char *err, size_t err
         char name[XT_XSK_IFNAMSIZ + 1] = {0};
         memcpy(name, cfg->rx_ifname[i], XT_XSK_IFNAMSIZ);
         struct rx_sock *s = &x->rx[i];
+        /* the first RX socket of this worker on a direct egress device transmits there too */
+        for (unsigned d = 0; d < cfg->n_direct; d++)
+            if (strncmp(cfg->direct_ifname[d], cfg->rx_ifname[i], XT_XSK_IFNAMSIZ) == 0)
+                s->has_tx = 1;
+        for (unsigned j = 0; j < i && s->has_tx; j++)
+            if (x->rx[j].has_tx &&
+                strncmp(cfg->rx_ifname[j], cfg->rx_ifname[i], XT_XSK_IFNAMSIZ) == 0)
+                s->has_tx = 0;
+        struct xsk_ring_prod *txr = s->has_tx ? &s->tx : NULL;
         for (int tries = 0; tries < BUSY_RETRIES; tries++) {
             if (i == 0)
-                rc = xsk_socket__create(&s->xsk, name, cfg->rx_queue[i], x->umem, &s->rx, NULL,
+                rc = xsk_socket__create(&s->xsk, name, cfg->rx_queue[i], x->umem, &s->rx, txr,
                                         &scfg);
             else
                 rc = xsk_socket__create_shared(&s->xsk, name, cfg->rx_queue[i], x->umem, &s->rx,
-                                               NULL, &s->fill, &s->comp, &scfg);
+                                               txr, &s->fill, &s->comp, &scfg);
             if (rc != -EBUSY)
                 break;
             usleep(BUSY_WAIT_US); /* a socket closed just before is released by deferred work */
@@ -207,6 +330,13 @@ struct xt_xsk *xt_xsk_new(const struct xt_xsk_config *cfg, char *err, size_t err
             return NULL;
         }
     }
+    x->ports[0].tx = &x->tx;
+    x->ports[0].comp = &x->tx_comp;
+    x->ports[0].fd = xsk_socket__fd(x->tx_xsk);
+    x->n_ports = 1;
+    for (unsigned d = 0; d < cfg->n_direct; d++)
+        add_direct(x, d, &scfg);
+    x->st.direct_ports = x->n_ports - 1;
     x->st.tx_budget = 32;
     if (cfg->tx_budget) {
         unsigned int budget = cfg->tx_budget > x->ring_size ? x->ring_size : cfg->tx_budget;
@@ -214,6 +344,8 @@ struct xt_xsk *xt_xsk_new(const struct xt_xsk_config *cfg, char *err, size_t err
         if (setsockopt(xsk_socket__fd(x->tx_xsk), SOL_XDP, XDP_MAX_TX_SKB_BUDGET, &budget,
                        sizeof(budget)) == 0)
             x->st.tx_budget = budget;
+        for (unsigned p = 1; p < x->n_ports; p++)
+            setsockopt(x->ports[p].fd, SOL_XDP, XDP_MAX_TX_SKB_BUDGET, &budget, sizeof(budget));
     }
     /* fill rings full before the sockets go into the XSKMAP: a packet steered before the loop
      * thread runs must not find an empty fill ring (the kernel would drop it) */
@@ -262,31 +394,41 @@ static void refill(struct xt_xsk *x, struct rx_sock *s)
 
 static void drain_completions(struct xt_xsk *x)
 {
-    uint32_t idx, n = xsk_ring_cons__peek(&x->tx_comp, x->ring_size, &idx);
-    for (uint32_t i = 0; i < n; i++)
-        frame_free(x, *xsk_ring_cons__comp_addr(&x->tx_comp, idx + i));
-    if (n) {
-        xsk_ring_cons__release(&x->tx_comp, n);
-        x->st.tx_completed += n;
+    for (unsigned p = 0; p < x->n_ports; p++) {
+        struct port *pt = &x->ports[p];
+        uint32_t idx, n = xsk_ring_cons__peek(pt->comp, x->ring_size, &idx);
+        for (uint32_t i = 0; i < n; i++)
+            frame_free(x, *xsk_ring_cons__comp_addr(pt->comp, idx + i));
+        if (n) {
+            xsk_ring_cons__release(pt->comp, n);
+            pt->completed += n;
+            x->st.tx_completed += n;
+        }
     }
 }
 
 /* Copy mode transmits at most a kernel batch (32 frames) per sendto(): kick until the kernel has
  * taken every descriptor on the TX ring (bounded), so the ring never backs up into RX. */
-static void kick_tx(struct xt_xsk *x)
+static void kick_port(struct xt_xsk *x, struct port *pt)
 {
     for (int k = 0; k < 16; k++) {
-        if (!xsk_ring_prod__needs_wakeup(&x->tx))
+        if (!xsk_ring_prod__needs_wakeup(pt->tx))
             return;
-        if (xsk_prod_nb_free(&x->tx, x->ring_size) >= x->ring_size)
+        if (xsk_prod_nb_free(pt->tx, x->ring_size) >= x->ring_size)
             return; /* the kernel consumed everything we produced */
         x->st.tx_kicks++;
         /* EAGAIN/EBUSY/ENOBUFS: the kernel is still busy with earlier frames; completions
          * follow and the next turn kicks again */
-        if (sendto(xsk_socket__fd(x->tx_xsk), NULL, 0, MSG_DONTWAIT, NULL, 0) < 0 &&
-            errno != EINTR)
+        if (sendto(pt->fd, NULL, 0, MSG_DONTWAIT, NULL, 0) < 0 && errno != EINTR)
             return;
     }
+}
+
+static void kick_tx(struct xt_xsk *x)
+{
+    for (unsigned p = 0; p < x->n_ports; p++)
+        if (x->ports[p].sent != x->ports[p].completed)
+            kick_port(x, &x->ports[p]);
 }
 
 static uint16_t ip_csum20(const uint8_t *h, unsigned ihl)
@@ -335,29 +477,176 @@ static void natt_learn(struct xt_xsk *x, uint32_t tunnel, uint32_t addr, uint16_
     }
 }
 
-/* Put a processed packet (IP at p->data) on the TX ring slot idx with our Ethernet header. */
-static void tx_put(struct xt_xsk *x, uint32_t idx, const struct xt_pkt *p)
+/* Put a processed packet (IP at p->data) on TX ring slot idx, with Ethernet destination and
+ * source macs[0..5], macs[6..11]. */
+static void tx_put(struct xt_xsk *x, struct xsk_ring_prod *tx, uint32_t idx, const struct xt_pkt *p,
+                   const uint8_t *macs)
 {
     uint8_t *eth = p->data - ETH_HLEN;
-    memcpy(eth, x->cfg.tx_dst_mac, 6);
-    memcpy(eth + 6, x->cfg.tx_src_mac, 6);
+    memcpy(eth, macs, 12);
     uint16_t type = (p->data[0] >> 4) == 6 ? ETH_P_IPV6 : ETH_P_IP;
     eth[12] = type >> 8;
     eth[13] = type & 0xff;
-    struct xdp_desc *d = xsk_ring_prod__tx_desc(&x->tx, idx);
+    struct xdp_desc *d = xsk_ring_prod__tx_desc(tx, idx);
     d->addr = (uint64_t)(eth - (uint8_t *)x->area);
     d->len = p->len + ETH_HLEN;
     d->options = 0;
     x->st.tx_bytes += d->len;
 }
 
+/* --- next-hop cache (xsk.h) ------------------------------------------------------------------- */
+
+#define NH_NEGATIVE_MS 50 /* a lookup without a usable answer is asked again after this */
+
+static inline uint32_t now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+    return (uint32_t)((uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u);
+}
+
+/* The inputs xdp_esp_fwd gives bpf_fib_lookup for this packet (family, TOS or flow label, protocol,
+ * source, destination). Returns 4 or 6, or 0 when the packet is not IP. */
+static int nh_key(const struct xt_pkt *p, uint64_t key[5])
+{
+    const uint8_t *h = p->data;
+
+    memset(key, 0, 5 * sizeof(uint64_t));
+    if (p->len >= 20 && (h[0] >> 4) == 4) {
+        key[0] = 4 | (uint64_t)h[1] << 8 | (uint64_t)h[9] << 16;
+        memcpy(&key[1], h + 12, 8);
+        return 4;
+    }
+    if (p->len >= 40 && (h[0] >> 4) == 6) {
+        uint32_t flow = ((uint32_t)h[0] << 24 | (uint32_t)h[1] << 16 | (uint32_t)h[2] << 8 | h[3]) &
+                        0x0fffffff;
+        key[0] = 6 | (uint64_t)h[6] << 8 | (uint64_t)flow << 16;
+        memcpy(&key[1], h + 8, 32);
+        return 6;
+    }
+    return 0;
+}
+
+static inline uint32_t nh_hash(const uint64_t key[5])
+{
+    uint64_t h = 0x9e3779b97f4a7c15ULL;
+    for (int i = 0; i < 5; i++) {
+        h ^= key[i];
+        h *= 0xff51afd7ed558ccdULL;
+        h ^= h >> 33;
+    }
+    return (uint32_t)h;
+}
+
+/* Ask the kernel FIB (the lookup program, once) and fill entry e, whose key is set. */
+static void nh_resolve(struct xt_xsk *x, const struct xt_pkt *p, int fam, struct nh_entry *e,
+                       uint32_t now)
+{
+    uint8_t in[ETH_HLEN + 40], out[ETH_HLEN + 40];
+    unsigned len = ETH_HLEN + (fam == 4 ? 20 : 40);
+    struct nh_result r;
+
+    memset(in, 0, ETH_HLEN);
+    in[12] = fam == 4 ? 0x08 : 0x86;
+    in[13] = fam == 4 ? 0x00 : 0xdd;
+    memcpy(in + ETH_HLEN, p->data, len - ETH_HLEN);
+    struct xdp_md ctx = {.data = 0, .data_end = len, .ingress_ifindex = x->cfg.nh_ifindex};
+    LIBBPF_OPTS(bpf_test_run_opts, o, .data_in = in, .data_size_in = len, .data_out = out,
+                .data_size_out = sizeof(out), .ctx_in = &ctx, .ctx_size_in = sizeof(ctx),
+                .repeat = 1);
+    e->gen = x->nh_gen;
+    e->port = SLOW_PORT;
+    e->mtu = 0;
+    e->expires_ms = now + NH_NEGATIVE_MS;
+    x->st.nh_lookups++;
+    if (bpf_prog_test_run_opts(x->cfg.nh_prog_fd, &o) != 0 || o.retval != 2 /* XDP_PASS */ ||
+        o.data_size_out < sizeof(r)) {
+        x->st.nh_lookup_errors++;
+        return;
+    }
+    memcpy(&r, out, sizeof(r));
+    if (r.magic != XT_XSK_NH_MAGIC) {
+        x->st.nh_lookup_errors++;
+        return;
+    }
+    if (r.rc != 0 /* BPF_FIB_LKUP_RET_SUCCESS */) {
+        x->st.nh_no_route++;
+        return;
+    }
+    e->expires_ms = now + x->nh_ttl_ms;
+    e->mtu = r.mtu;
+    memcpy(e->dmac, r.dmac, 6);
+    memcpy(e->smac, r.smac, 6);
+    for (unsigned i = 1; i < x->n_ports; i++)
+        if (x->ports[i].ifindex == r.ifindex)
+            e->port = (int32_t)i; /* another device: stays SLOW_PORT, cached as an answer */
+}
+
+/* Decide where good frame number t (packet p) leaves: x->oport[t] and x->omac[t]. transit: a
+ * decrypted inner packet (TTL / hop limit is ours to decrement, RFC 1812 5.3.1, as the forwarder
+ * does); otherwise outer ESP the edge originates. */
+static void route_out(struct xt_xsk *x, struct xt_pkt *p, int transit, unsigned t, uint32_t now,
+                      unsigned *budget)
+{
+    uint64_t key[5];
+    uint8_t *h = p->data;
+
+    x->oport[t] = SLOW_PORT;
+    memcpy(x->omac[t], x->cfg.tx_dst_mac, 6);
+    memcpy(x->omac[t] + 6, x->cfg.tx_src_mac, 6);
+    if (x->n_ports <= 1)
+        return;
+    int fam = nh_key(p, key);
+    if (!fam)
+        return;
+    if (transit && (fam == 4 ? h[8] : h[7]) <= 1) {
+        x->st.slow_ttl++; /* the forwarder passes it to the kernel, which answers ICMP */
+        return;
+    }
+    struct nh_entry *e = &x->nh[nh_hash(key) & (XT_XSK_NH_SLOTS - 1)];
+    if (e->gen != x->nh_gen || (int32_t)(e->expires_ms - now) <= 0 ||
+        memcmp(e->key, key, sizeof(key)) != 0) {
+        if (*budget == 0) {
+            x->st.nh_deferred++;
+            return;
+        }
+        (*budget)--;
+        memcpy(e->key, key, sizeof(key));
+        nh_resolve(x, p, fam, e, now);
+    }
+    if (e->port == SLOW_PORT)
+        return;
+    if (p->len > e->mtu) {
+        x->st.slow_mtu++;
+        return;
+    }
+    if (transit && fam == 4) {
+        uint16_t c16;
+        memcpy(&c16, h + 10, 2);
+        uint32_t check = c16;
+        check += htons(0x0100); /* as ip_decrease_ttl() and bpf/esp_steer.h esp_ttl_dec() */
+        c16 = (uint16_t)(check + (check >= 0xFFFF));
+        memcpy(h + 10, &c16, 2);
+        h[8]--;
+    } else if (transit) {
+        h[7]--;
+    }
+    x->oport[t] = (uint8_t)e->port;
+    memcpy(x->omac[t], e->dmac, 6);
+    memcpy(x->omac[t] + 6, e->smac, 6);
+}
+
 /* One RX socket: returns the number of descriptors taken. */
 static unsigned service(struct xt_xsk *x, struct rx_sock *s)
 {
-    uint32_t idx_rx, idx_tx = 0, room, n, nd = 0, ne = 0;
+    uint32_t idx_rx, room, n, nd = 0, ne = 0;
 
     refill(x, s);
-    room = xsk_prod_nb_free(&x->tx, x->batch);
+    room = x->batch;
+    for (unsigned p = 0; p < x->n_ports; p++) {
+        uint32_t r = xsk_prod_nb_free(x->ports[p].tx, x->batch);
+        room = r < room ? r : room; /* every frame may go to any port */
+    }
     if (room == 0) {
         x->st.tx_ring_full++;
         return 0;
@@ -426,22 +715,17 @@ static unsigned service(struct xt_xsk *x, struct rx_sock *s)
     if (crypto && ne)
         x->encrypt(x->esp, x->epk, ne);
 
-    /* room >= n >= nd + ne: the reservation cannot fail */
-    uint32_t ok = 0;
-    for (uint32_t i = 0; i < nd; i++)
-        ok += x->dpk[i].verdict == 0 && x->dpk[i].headroom >= ETH_HLEN;
-    for (uint32_t i = 0; i < ne; i++)
-        ok += x->epk[i].verdict == 0 && x->epk[i].headroom >= ETH_HLEN;
-    if (ok && xsk_ring_prod__reserve(&x->tx, ok, &idx_tx) != ok)
-        ok = 0; /* unreachable (room was checked); frames are freed below */
-    uint32_t t = 0;
+    /* the good frames, decrypted then encrypted, each with the port it leaves on */
+    uint32_t ng = 0, now = x->n_ports > 1 ? now_ms() : 0;
+    unsigned budget = XT_XSK_NH_LOOKUPS;
     for (uint32_t i = 0; i < nd; i++) {
         struct xt_pkt *p = &x->dpk[i];
-        if (p->verdict == 0 && p->headroom >= ETH_HLEN && t < ok) {
+        if (p->verdict == 0 && p->headroom >= ETH_HLEN) {
             if (x->dsport[i] && crypto)
                 natt_learn(x, p->tunnel, x->dsrc[i], x->dsport[i]);
             x->st.decrypt_ok++;
-            tx_put(x, idx_tx + t++, p);
+            x->opk[ng] = p;
+            route_out(x, p, 1, ng++, now, &budget);
         } else {
             x->st.decrypt_drops[p->verdict < XT_XSK_STAT_VERDICTS ? p->verdict : 0]++;
             frame_free(x, x->dbase[i]);
@@ -449,19 +733,43 @@ static unsigned service(struct xt_xsk *x, struct rx_sock *s)
     }
     for (uint32_t i = 0; i < ne; i++) {
         struct xt_pkt *p = &x->epk[i];
-        if (p->verdict == 0 && p->headroom >= ETH_HLEN && t < ok) {
+        if (p->verdict == 0 && p->headroom >= ETH_HLEN) {
             if (crypto)
-                natt_rewrite(x, p);
+                natt_rewrite(x, p); /* before the route: it may change the destination */
             x->st.encrypt_ok++;
-            tx_put(x, idx_tx + t++, p);
+            x->opk[ng] = p;
+            route_out(x, p, 0, ng++, now, &budget);
         } else {
             x->st.encrypt_drops[p->verdict < XT_XSK_STAT_VERDICTS ? p->verdict : 0]++;
             frame_free(x, x->ebase[i]);
         }
     }
-    if (t) {
-        xsk_ring_prod__submit(&x->tx, t);
-        x->st.tx_packets += t;
+    /* room >= n >= ng on every port: the reservations cannot fail */
+    uint32_t cnt[MAX_PORTS] = {0}, idx[MAX_PORTS], put[MAX_PORTS] = {0};
+    for (uint32_t g = 0; g < ng; g++)
+        cnt[x->oport[g]]++;
+    for (unsigned p = 0; p < x->n_ports; p++)
+        if (cnt[p] && xsk_ring_prod__reserve(x->ports[p].tx, cnt[p], &idx[p]) != cnt[p])
+            cnt[p] = 0; /* unreachable (room was checked); its frames are freed below */
+    for (uint32_t g = 0; g < ng; g++) {
+        unsigned p = x->oport[g];
+        if (put[p] < cnt[p]) {
+            tx_put(x, x->ports[p].tx, idx[p] + put[p]++, x->opk[g], x->omac[g]);
+        } else {
+            x->st.tx_ring_full++;
+            frame_free(x, (uint64_t)(x->opk[g]->data - (uint8_t *)x->area));
+        }
+    }
+    for (unsigned p = 0; p < x->n_ports; p++) {
+        if (!put[p])
+            continue;
+        xsk_ring_prod__submit(x->ports[p].tx, put[p]);
+        x->ports[p].sent += put[p];
+        x->st.tx_packets += put[p];
+        if (p == SLOW_PORT)
+            x->st.tx_slow += put[p];
+        else
+            x->st.tx_direct += put[p];
     }
     return n;
 }
@@ -478,6 +786,12 @@ int xt_xsk_run(struct xt_xsk *x)
     __atomic_store_n(&x->st.running, 1, __ATOMIC_RELEASE);
     while (!__atomic_load_n(&x->stop, __ATOMIC_ACQUIRE)) {
         unsigned moved = 0;
+        uint32_t req = __atomic_load_n(&x->nh_flush_req, __ATOMIC_ACQUIRE);
+        if (req != x->nh_flush_seen) {
+            x->nh_flush_seen = req;
+            x->nh_gen++;
+            x->st.nh_flushes++;
+        }
         drain_completions(x);
         for (unsigned i = 0; i < x->n_rx; i++)
             moved += service(x, &x->rx[i]);
@@ -549,10 +863,26 @@ void xt_xsk_natt_forget(struct xt_xsk *x, uint32_t tunnel)
     __atomic_store_n(&x->natt[tunnel & (NATT_TUNNELS - 1)], 0, __ATOMIC_RELAXED);
 }
 
+int xt_xsk_direct_status(struct xt_xsk *x, unsigned i)
+{
+    if (!x || i >= x->cfg.n_direct)
+        return -EINVAL;
+    return x->direct_status[i];
+}
+
+void xt_xsk_nh_flush(struct xt_xsk *x)
+{
+    if (x)
+        __atomic_fetch_add(&x->nh_flush_req, 1, __ATOMIC_RELEASE);
+}
+
 void xt_xsk_free(struct xt_xsk *x)
 {
     if (!x)
         return;
+    for (unsigned p = 1; p < x->n_ports; p++)
+        if (x->ports[p].own)
+            xsk_socket__delete(x->ports[p].own);
     if (x->tx_xsk)
         xsk_socket__delete(x->tx_xsk);
     for (int i = (int)x->n_rx - 1; i >= 0; i--)
@@ -563,6 +893,7 @@ void xt_xsk_free(struct xt_xsk *x)
     if (x->area)
         munmap(x->area, x->area_len);
     free(x->free_stack);
+    free(x->nh);
     if (x->natt_owned)
         free(x->natt);
     free(x);

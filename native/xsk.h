@@ -11,7 +11,22 @@
  *   - n_rx RX sockets, one per (device, queue) the steering program redirects from (XSKMAP), each
  *     with its own fill ring; the first owns the UMEM's fill/completion rings;
  *   - one TX socket on tx_ifname (the edge end of the internal veth pair), with its own completion
- *     ring. Every frame the worker sends leaves there, with the Ethernet header given in the config.
+ *     ring: the slow path, where the kernel FIB routes every frame (xdp_esp_fwd on the other end);
+ *   - direct TX on up to XT_XSK_MAX_DIRECT egress devices: the TX ring of this worker's RX socket
+ *     on that device, or a TX-only socket on direct_queue[i] of it.
+ *
+ * Where a processed frame goes (the next-hop cache): the route is the kernel's. On a cache miss
+ * the worker asks the kernel FIB itself: it runs the lookup program (nh_prog_fd, bpf/nexthop.h's
+ * xdp_esp_nexthop, bpf_fib_lookup twice: next hop and MACs, then the path MTU) once with
+ * BPF_PROG_TEST_RUN, as if the packet had arrived on the router end of the internal veth, and
+ * caches the answer per (family, source, destination, TOS / flow label, protocol) - the inputs
+ * of that lookup - for nh_ttl_ms. A frame goes out directly when the answer is an egress device
+ * with a direct socket, the frame fits its MTU and a transit packet's TTL / hop limit is above 1
+ * (decremented here, checksum updated); everything else - no neighbour yet, another device,
+ * too big, TTL expiring, a lookup budget spent - takes the internal veth, where the kernel
+ * resolves the neighbour, fragments or answers with ICMP. xt_xsk_nh_flush() (called on every
+ * route, neighbour, address and link change netlink reports; pipeline/ipsec.py) empties the
+ * cache at the next batch.
  * Frames go: free stack -> fill rings -> RX rings -> batch decrypt/encrypt in place -> TX ring ->
  * completion ring -> free stack (dropped frames go straight back). No copy in the worker, no
  * allocation after xt_xsk_new().
@@ -42,6 +57,12 @@
 #define XT_XSK_MAX_BATCH 64
 #define XT_XSK_NATT_TUNNELS 65536
 #define XT_XSK_STAT_VERDICTS 32 /* = XT_ESP_VERDICT_MAX */
+#define XT_XSK_MAX_DIRECT 8
+#define XT_XSK_NH_SLOTS 4096     /* next-hop cache entries per worker (direct-mapped) */
+#define XT_XSK_NH_LOOKUPS 8      /* FIB lookups per batch at most; the rest take the slow path */
+
+/* Result of the lookup program (bpf/nexthop.h struct xt_nh_result; keep in step). */
+#define XT_XSK_NH_MAGIC 0x58544e48
 
 /* xt_xsk_config.flags. XT_XSK_F_NO_CRYPTO is for benchmarks only: every steered frame is
  * forwarded unchanged, without ESP calls (the AF_XDP path's own ceiling). */
@@ -78,6 +99,13 @@ struct xt_xsk_config {
     uintptr_t esp_encrypt;      /* xt_esp_encrypt_batch */
     uintptr_t natt_table;       /* uint64_t[XT_XSK_NATT_TUNNELS] shared by the workers of one
                                    edge (owned by the caller, outlives them); 0 = a private one */
+    char direct_ifname[8][16];  /* XT_XSK_MAX_DIRECT egress devices for direct TX */
+    uint32_t direct_queue[8];   /* queue of a TX-only socket there (unused when an RX socket of
+                                   this worker is on the device: its TX ring is used) */
+    uint32_t n_direct;          /* 0 = everything through the internal veth */
+    int32_t nh_prog_fd;         /* the next-hop lookup program (required when n_direct > 0) */
+    uint32_t nh_ifindex;        /* lookups run as if arriving here: the router end of the veth */
+    uint32_t nh_ttl_ms;         /* next-hop cache entry lifetime; 0 = 1000 */
 };
 
 struct xt_xsk_stats {
@@ -105,6 +133,16 @@ struct xt_xsk_stats {
     uint64_t k_rx_ring_full;    /*   RX ring full, fill ring empty (need more frames) */
     uint64_t k_fill_empty;
     uint64_t k_tx_invalid;      /* kernel: invalid TX descriptors */
+    uint64_t tx_direct;         /* frames sent straight out of an egress device */
+    uint64_t tx_slow;           /* frames sent through the internal veth (kernel FIB) */
+    uint64_t nh_lookups;        /* next-hop cache misses resolved with the lookup program */
+    uint64_t nh_lookup_errors;  /* lookups the kernel refused to run (slow path taken) */
+    uint64_t nh_no_route;       /* lookups without a usable answer (no neighbour, blackhole...) */
+    uint64_t nh_deferred;       /* misses over the per-batch lookup budget (slow path taken) */
+    uint64_t nh_flushes;        /* cache flushes seen */
+    uint64_t slow_ttl;          /* transit frames with TTL / hop limit <= 1 (kernel: ICMP) */
+    uint64_t slow_mtu;          /* frames over the egress MTU (kernel: fragment or ICMP) */
+    uint32_t direct_ports;      /* egress devices with a working direct socket */
     uint32_t tx_budget;         /* the TX budget in effect (32 when the kernel has no knob) */
     uint32_t zerocopy;          /* 1 when the UMEM is bound in zero-copy mode */
     uint32_t running;           /* 1 while xt_xsk_run() is in its loop */
@@ -126,6 +164,11 @@ void xt_xsk_stats(struct xt_xsk *x, struct xt_xsk_stats *out);
 int xt_xsk_natt_peer(struct xt_xsk *x, uint32_t tunnel, uint8_t *addr, uint16_t *port);
 /* Forget a learned NAT-T peer (tunnel deleted or re-established from a new address). */
 void xt_xsk_natt_forget(struct xt_xsk *x, uint32_t tunnel);
+/* Direct egress device i: its ifindex (> 0) when the worker transmits there, or -errno of the
+ * socket that could not be made (its frames take the internal veth). */
+int xt_xsk_direct_status(struct xt_xsk *x, unsigned i);
+/* Empty the next-hop cache (takes effect at the worker's next batch; any thread). */
+void xt_xsk_nh_flush(struct xt_xsk *x);
 /* Close sockets, free the UMEM; the loop must have returned. */
 void xt_xsk_free(struct xt_xsk *x);
 

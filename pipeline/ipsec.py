@@ -22,10 +22,15 @@ Pieces (each usable alone, the tests use them that way):
   by reason, deleted SAs included; drops before an SA was found) and :meth:`IpsecEdge.stats`
   (that, plus the steering counters and each worker's ring and NAT-T counters).
 
-Where processed packets go: the worker transmits them on ``xtesp0``; ``xtesp1``'s XDP program
-routes them with ``bpf_fib_lookup`` and redirects to the egress device (routing stays in the
-kernel FIB; no neighbour yet or TTL <= 1: the kernel handles the packet). See bench/RESULTS.md
-for the measurement behind that choice.
+Where processed packets go: where the kernel FIB routes them. The worker asks the FIB itself on
+a next-hop cache miss (bpf/nexthop.h, run with BPF_PROG_TEST_RUN as if the packet had arrived on
+the internal veth) and transmits straight out of the egress device when it has a socket there;
+every route, neighbour, address or link change netlink reports empties the caches
+(:class:`RouteWatch`), and entries live one second at most. Everything else - no neighbour yet,
+TTL <= 1, too big for the path MTU, a device without a socket - it transmits on ``xtesp0``, and
+``xtesp1``'s XDP program routes it with ``bpf_fib_lookup`` or passes it to the kernel, which
+resolves the neighbour, fragments or answers ICMP. See bench/RESULTS.md for the measurement
+behind that choice (direct_tx=False keeps everything on the internal veth).
 """
 from __future__ import annotations
 
@@ -463,6 +468,7 @@ class Steering:
         self.bpf = BPF(text=bcc_source(STEER_SRC).encode(), cflags=cflags or [])
         self.steer_fn = self.bpf.load_func(b"xdp_esp_steer", BPF.XDP)
         self.fwd_fn = self.bpf.load_func(b"xdp_esp_fwd", BPF.XDP)
+        self.nh_fn = self.bpf.load_func(b"xdp_esp_nexthop", BPF.XDP)   # run, never attached
         self._attached: list[tuple[str, int]] = []
         self.steer_maps = edge_bpf if edge_bpf is not None else self.bpf
         self.external = edge_bpf is not None
@@ -561,6 +567,56 @@ def _in_netns(fd: int | None):
         os.close(here)
 
 
+class RouteWatch:
+    """Empties the workers' next-hop caches whenever netlink reports a change of a route, rule,
+    neighbour, address or link in this network namespace (a thread; close() stops it).
+
+    Any message is reason enough, so the messages are not parsed: a plain NETLINK_ROUTE socket
+    bound to the multicast groups (pyroute2's IPRoute, which the rest of the module uses, would
+    start an event loop in the reading thread and keep its descriptors)."""
+
+    # rtnetlink multicast groups (include/uapi/linux/rtnetlink.h RTMGRP_*)
+    GROUPS = (0x1 | 0x4 | 0x10 | 0x40 | 0x80 | 0x100 | 0x400)
+    # LINK, NEIGH, IPV4_IFADDR, IPV4_ROUTE, IPV4_RULE, IPV6_IFADDR, IPV6_ROUTE
+
+    def __init__(self, workers: list[Any]) -> None:
+        import socket
+
+        self._workers = workers
+        self.flushes = 0
+        self._stop = threading.Event()
+        self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+        try:
+            self._sock.bind((0, self.GROUPS))
+            self._sock.settimeout(0.2)
+        except BaseException:
+            self._sock.close()
+            raise
+        self._thread = threading.Thread(target=self._run, name="xt-route-watch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                if not self._sock.recv(65536):
+                    continue
+            except TimeoutError:
+                continue
+            except OSError as e:   # ENOBUFS: messages were lost - flush, as for any change
+                if self._stop.is_set():
+                    return
+                log.debug("route watch: %s", e)
+            self.flushes += 1
+            for w in self._workers:
+                with contextlib.suppress(Exception):
+                    w.nh_flush()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+        self._sock.close()
+
+
 class IpsecEdge:
     """Steering + internal veth + AF_XDP worker(s) in the calling thread's network namespace.
 
@@ -568,10 +624,10 @@ class IpsecEdge:
     endpoint addresses; routes are added with :meth:`route`. Close (or use as a context manager)
     to stop the worker, detach the programs and remove the internal veth pair.
 
-    ``tx_direct=(device, next-hop MAC)`` is the alternative design the benchmark compares: the
-    worker transmits straight out of one egress device to one fixed next hop (no internal veth,
-    no FIB: a real deployment would have to mirror the kernel's routes and neighbours from
-    netlink). ``bench_no_crypto`` forwards frames unchanged (the AF_XDP path ceiling).
+    ``direct_tx``: the workers transmit straight out of the outside devices (and of ``egress``,
+    devices that only send) when the kernel FIB routes a frame there (module docstring); False
+    sends everything through the internal veth (the design the benchmark compares against).
+    ``bench_no_crypto`` forwards frames unchanged (the AF_XDP path ceiling).
     ``steering``: a loaded :class:`Steering` to reuse (the caller keeps it; close() only detaches
     it), so repeated set-ups compile once. ``edge_bpf``: the edge program's bcc object (built
     with -DXT_FEATURE_ESP and attached by the GRE data plane): its hooks steer, so no steering
@@ -582,7 +638,8 @@ class IpsecEdge:
 
     def __init__(self, datapath: IpsecDataPath, devices: list[RxDevice], endpoints: list[str],
                  *, xsk_mode: str = "auto", ring_size: int = 2048, batch: int = 64,
-                 tx_direct: tuple[str, str] | None = None, bench_no_crypto: bool = False,
+                 direct_tx: bool = True, egress: tuple[str, ...] = (),
+                 bench_no_crypto: bool = False,
                  worker_cpu: int | None = None, steering: Steering | None = None,
                  edge_bpf: Any = None, workers: int = 1, tx_budget: int = 0) -> None:
         from pyroute2 import IPRoute
@@ -598,18 +655,15 @@ class IpsecEdge:
         self._netns = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
         self._ipr = IPRoute()
         self._own_steering = steering is None
+        self.route_watch: RouteWatch | None = None
         try:
             self.steering = steering if steering is not None else Steering(edge_bpf=edge_bpf)
             for ep in endpoints:
                 self.steering.add_endpoint(ep)
-            if tx_direct is None:
-                self._make_internal_veth(workers)
-                self.steering.attach(INTERNAL_ROUTER_END, self.steering.fwd_fn, "native")
-                tx_dev = INTERNAL_EDGE_END
-                src, dst = self._mac(INTERNAL_EDGE_END), self._mac(INTERNAL_ROUTER_END)
-            else:
-                tx_dev, dst = tx_direct
-                src = self._mac(tx_dev)
+            self._make_internal_veth(workers)
+            self.steering.attach(INTERNAL_ROUTER_END, self.steering.fwd_fn, "native")
+            tx_dev = INTERNAL_EDGE_END
+            src, dst = self._mac(INTERNAL_EDGE_END), self._mac(INTERNAL_ROUTER_END)
             rx: list[tuple[str, int, int]] = []   # (device, queue, XSKMAP key)
             for slot, dev in enumerate(devices):
                 idx = self._ifindex(dev.name)
@@ -620,6 +674,9 @@ class IpsecEdge:
             if not 1 <= workers <= len(rx):
                 raise IpsecError(f"workers must be 1..{len(rx)} (one RX queue each at least)")
             self.natt = _xsk.NattTable()
+            direct = self._direct_plan([d.name for d in devices] + list(egress), rx, workers) \
+                if direct_tx else [[] for _ in range(workers)]
+            nh_ifindex = self._ifindex(INTERNAL_ROUTER_END)
             for i in range(workers):
                 mine = rx[i::workers]
                 w = datapath.ctx.worker()
@@ -627,16 +684,45 @@ class IpsecEdge:
                 xw = _xsk.XskWorker(w, [(d, q) for d, q, _ in mine], tx_dev, src, dst,
                                     mode=xsk_mode, ring_size=ring_size, batch=batch,
                                     bench_no_crypto=bench_no_crypto, tx_queue=i,
-                                    natt_table=self.natt, tx_budget=tx_budget)
+                                    natt_table=self.natt, tx_budget=tx_budget,
+                                    direct=direct[i], nh_prog_fd=self.steering.nh_fn.fd,
+                                    nh_ifindex=nh_ifindex)
                 self.workers.append(xw)
+                for name, status in xw.direct_status().items():
+                    if status < 0:
+                        log.warning("worker %d: no direct TX on %s (%s): frames routed there "
+                                    "take the internal veth", i, name, os.strerror(-status))
                 for j, (_, _, key) in enumerate(mine):
                     xw.insert_into(self.steering.xsk_map_fd(), j, key)
+            if any(direct):
+                self.route_watch = RouteWatch(self.workers)
             for xw in self.workers:
                 xw.start(worker_cpu)
             datapath.on_change.append(self._sa_changed)
         except BaseException:
             self.close()
             raise
+
+    def _direct_plan(self, names: list[str], rx: list[tuple[str, int, int]],
+                     workers: int) -> list[list[tuple[str, int]]]:
+        """Per worker, the direct egress devices as (name, queue). A worker that receives on a
+        device transmits on that socket; the others need a TX queue of their own there (an AF_XDP
+        queue belongs to one UMEM): the queues no worker receives on, one each. A worker left
+        without one sends that device's frames through the internal veth."""
+        plan: list[list[tuple[str, int]]] = [[] for _ in range(workers)]
+        for name in dict.fromkeys(names):
+            link = self._ipr.get_links(self._ifindex(name))[0]
+            taken = {q for d, q, _ in rx if d == name}
+            free = [q for q in range(link.get("IFLA_NUM_TX_QUEUES") or 1) if q not in taken]
+            for i in range(workers):
+                if any(d == name for d, _, _ in rx[i::workers]):
+                    plan[i].append((name, 0))
+                elif free:
+                    plan[i].append((name, free.pop(0)))
+                else:
+                    log.info("worker %d: %s has no free TX queue: its frames take the internal "
+                             "veth", i, name)
+        return plan
 
     def _sa_changed(self, tunnel_index: int) -> None:
         """A tunnel without an SA pair forgets the NAT-T address/port its peer was seen at."""
@@ -686,6 +772,9 @@ class IpsecEdge:
     def close(self) -> None:
         with contextlib.suppress(ValueError):
             self.datapath.on_change.remove(self._sa_changed)
+        if self.route_watch is not None:
+            self.route_watch.close()
+            self.route_watch = None
         for w in self.workers:
             with contextlib.suppress(Exception):
                 w.close()

@@ -81,6 +81,16 @@ class XskStats:
     tx_budget: int
     zerocopy: bool
     running: bool
+    tx_direct: int          # frames sent straight out of an egress device
+    tx_slow: int            # frames sent through the internal veth (the kernel FIB routes them)
+    nh_lookups: int         # next-hop cache misses asked of the kernel FIB
+    nh_lookup_errors: int
+    nh_no_route: int        # lookups without a usable answer (no neighbour yet, unreachable...)
+    nh_deferred: int        # misses over the per-batch lookup budget
+    nh_flushes: int
+    slow_ttl: int           # transit frames with TTL / hop limit <= 1: the kernel answers ICMP
+    slow_mtu: int           # frames over the egress MTU: the kernel fragments or answers ICMP
+    direct_ports: int
 
 
 def _verdicts(arr: Any) -> dict[str, int]:
@@ -104,7 +114,11 @@ class XskWorker:
     worker exists. ``tx_queue``: the queue of ``tx_ifname`` to transmit on (one per worker);
     ``natt_table``: a :class:`NattTable` shared with the other workers. ``tx_budget``: frames the
     kernel sends per sendto() in copy mode (Linux >= 6.17; 0 keeps the kernel's 32, which
-    measured as fast as 256 here: bench/RESULTS.md). ``bench_no_crypto``
+    measured as fast as 256 here: bench/RESULTS.md). ``direct``: egress devices as (ifname,
+    queue) the worker transmits on itself when the kernel FIB routes a frame there (the queue is
+    that of a TX-only socket; a device this worker receives on transmits on its RX socket);
+    ``nh_prog_fd`` is the next-hop lookup program and ``nh_ifindex`` the device the lookups run
+    as (the router end of the internal veth); see native/xsk.h. ``bench_no_crypto``
     (benchmarks only) forwards every frame unchanged: the
     ceiling of the AF_XDP path itself.
     """
@@ -113,7 +127,15 @@ class XskWorker:
                  tx_src_mac: str, tx_dst_mac: str, *, mode: str = MODE_AUTO,
                  ring_size: int = 2048, frame_size: int = 2048, batch: int = 64,
                  poll_ms: int = 50, bench_no_crypto: bool = False, tx_queue: int = 0,
-                 natt_table: NattTable | None = None, tx_budget: int = 0) -> None:
+                 natt_table: NattTable | None = None, tx_budget: int = 0,
+                 direct: list[tuple[str, int]] | None = None, nh_prog_fd: int = -1,
+                 nh_ifindex: int = 0, nh_ttl_ms: int = 0) -> None:
+        direct = list(direct or [])
+        if len(direct) > lib.XT_XSK_MAX_DIRECT:
+            raise XskError(f"at most {lib.XT_XSK_MAX_DIRECT} direct egress devices, "
+                           f"got {len(direct)}")
+        if direct and (nh_prog_fd < 0 or nh_ifindex <= 0):
+            raise XskError("direct egress devices need the next-hop lookup program and device")
         if not 1 <= len(rx) <= lib.XT_XSK_MAX_RX:
             raise XskError(f"need 1..{lib.XT_XSK_MAX_RX} RX (device, queue) pairs, got {len(rx)}")
         if mode not in _MODES:
@@ -141,6 +163,14 @@ class XskWorker:
         cfg.flags = lib.XT_XSK_F_NO_CRYPTO if bench_no_crypto else 0
         cfg.tx_queue = tx_queue
         cfg.tx_budget = tx_budget
+        for i, (name, queue) in enumerate(direct):
+            raw = _ifname(name, "direct egress device")
+            ffi.memmove(cfg.direct_ifname[i], raw, len(raw))
+            cfg.direct_queue[i] = queue
+        cfg.n_direct = len(direct)
+        cfg.nh_prog_fd = nh_prog_fd
+        cfg.nh_ifindex = nh_ifindex
+        cfg.nh_ttl_ms = nh_ttl_ms
         self._natt_table = natt_table   # kept alive as long as this worker
         if natt_table is not None:
             cfg.natt_table = int(ffi.cast("uintptr_t", natt_table.ptr))
@@ -154,6 +184,7 @@ class XskWorker:
             self._x = None
             raise XskError(ffi.string(err).decode(errors="replace"))
         self.rx = list(rx)
+        self.direct = direct
         self._thread: threading.Thread | None = None
         self._rc: int | None = None
         self._lock = threading.Lock()
@@ -220,7 +251,21 @@ class XskWorker:
             natt_rewrites=s.natt_rewrites, frames_free=s.frames_free,
             frames_total=s.frames_total, k_rx_dropped=s.k_rx_dropped,
             k_rx_invalid=s.k_rx_invalid, k_rx_ring_full=s.k_rx_ring_full,
-            k_fill_empty=s.k_fill_empty, k_tx_invalid=s.k_tx_invalid, tx_budget=s.tx_budget, zerocopy=bool(s.zerocopy), running=bool(s.running))
+            k_fill_empty=s.k_fill_empty, k_tx_invalid=s.k_tx_invalid, tx_budget=s.tx_budget,
+            zerocopy=bool(s.zerocopy), running=bool(s.running), tx_direct=s.tx_direct,
+            tx_slow=s.tx_slow, nh_lookups=s.nh_lookups, nh_lookup_errors=s.nh_lookup_errors,
+            nh_no_route=s.nh_no_route, nh_deferred=s.nh_deferred, nh_flushes=s.nh_flushes,
+            slow_ttl=s.slow_ttl, slow_mtu=s.slow_mtu, direct_ports=s.direct_ports)
+
+    def direct_status(self) -> dict[str, int]:
+        """Per direct egress device: its ifindex when the worker transmits there, else the
+        -errno of the socket that could not be made (its frames take the internal veth)."""
+        return {name: int(lib.xt_xsk_direct_status(self._ptr(), i))
+                for i, (name, _) in enumerate(self.direct)}
+
+    def nh_flush(self) -> None:
+        """Empty the next-hop cache (a route, neighbour, address or link changed)."""
+        lib.xt_xsk_nh_flush(self._ptr())
 
     def natt_peer(self, tunnel: int) -> tuple[str, int] | None:
         """(address, port) ESP-in-UDP for ``tunnel`` was last authenticated from, or None."""
