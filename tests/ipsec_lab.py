@@ -53,7 +53,12 @@ class EdgeLab:
         self.i0.send(eth(MAC_INET0, MAC_I0, ip_packet))
 
 
-def build(lab: netns.Lab, xdp_mode: str = "native") -> EdgeLab:
+def build(lab: netns.Lab, xdp_mode: str = "native", design: str = "veth") -> EdgeLab:
+    """``design``: "veth" - two workers (the customer side's queue on one, the Internet side's
+    on the other, so a tunnel is decrypted by one worker and encrypted by the other, NAT-T peers
+    shared), everything sent through the internal veth and routed by its XDP program;
+    "direct" - one worker receiving on both devices and transmitting straight out of them, next
+    hops from the kernel FIB (pipeline/ipsec.py)."""
     cust, edge, inet = lab.namespace("cust"), lab.namespace("edge"), lab.namespace("inet")
     lab.veth(cust, "c0", edge, "cust0", f"{ROUTER}/24", f"{EDGE_EP}/24", mac_a=MAC_C0,
              mac_b=MAC_CUST0)
@@ -79,10 +84,10 @@ def build(lab: netns.Lab, xdp_mode: str = "native") -> EdgeLab:
         port.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 16 << 20)
     dp = ipsec.IpsecDataPath({}, node_id=7)
     with edge.enter():
-        # two workers: the customer side's queue on one, the Internet side's on the other, so a
-        # tunnel is decrypted by one worker and encrypted by the other (shared NAT-T peers)
+        direct = design == "direct"
         e = ipsec.IpsecEdge(dp, [ipsec.RxDevice("cust0", (0,), xdp_mode),
-                                 ipsec.RxDevice("inet0", (0,), xdp_mode)], [EDGE_EP], workers=2)
+                                 ipsec.RxDevice("inet0", (0,), xdp_mode)], [EDGE_EP],
+                            workers=1 if direct else 2, direct_tx=direct)
     return EdgeLab(lab, cust, edge, inet, dp, e, c0, i0)
 
 
