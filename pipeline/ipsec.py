@@ -754,6 +754,11 @@ class IpsecEdge:
                        num_rx_queues=queues,
                        peer={"ifname": INTERNAL_ROUTER_END, "num_tx_queues": queues,
                              "num_rx_queues": queues})
+        # the kernel's own IPv6 chatter (MLD reports, router solicitations: hop limit 1 or 255)
+        # from the edge end would reach the forwarder as if the worker had sent it
+        with contextlib.suppress(FileNotFoundError), \
+                open(f"/proc/sys/net/ipv6/conf/{INTERNAL_EDGE_END}/disable_ipv6", "w") as f:
+            f.write("1")
         for name in (INTERNAL_EDGE_END, INTERNAL_ROUTER_END):
             self._ipr.link("set", index=self._ifindex(name), mtu=INTERNAL_MTU, state="up")
         # bpf_fib_lookup forwards only from a device with forwarding on

@@ -1,0 +1,176 @@
+"""Direct TX of the IPsec worker: frames leave the egress device the kernel FIB chooses, and follow
+it when routes and neighbours change; what the worker must not send itself takes the internal
+veth, where the kernel handles it (TTL expiry, too big, no route).
+
+Lab: tests/ipsec_lab.py in the "direct" design (one worker receiving on cust0 and inet0 and
+transmitting straight out of both). Packets are decrypted from a static SA (tests/esp_support.py
+builds the ESP independently) so every case is the worker's transit path.
+"""
+from __future__ import annotations
+
+import ipaddress
+import struct
+import time
+
+import ipsec_lab as L
+import pytest
+from test_ipsec_datapath import Tun, inner_udp, with_ttl
+
+from pipeline import netns
+
+pytestmark = pytest.mark.netns
+
+NEW_MAC = "02:00:00:00:02:99"
+FAR_PREFIX, FAR_HOST = "203.0.113.0/24", "203.0.113.7"
+
+
+@pytest.fixture(scope="module")
+def el():
+    lab = netns.Lab("ipdirect")
+    try:
+        e = L.build(lab, design="direct")
+        yield e
+        with e.edge.enter():
+            e.edge_dp.close()
+        e.dp.close()
+    finally:
+        lab.close()
+
+
+@pytest.fixture
+def tun(el):
+    t = Tun(el, "gcm128")
+    yield t
+    t.delete()
+
+
+def udp_tagged(tag: bytes):
+    """A plain IPv4/UDP frame carrying tag (not an ICMP error quoting it)."""
+    return lambda f: f[12:14] == b"\x08\x00" and f[23] == 17 and tag in f
+
+
+def icmp_frame(icmp_type: int, code: int):
+    return lambda f: f[12:14] == b"\x08\x00" and f[23] == 1 and f[34:36] == bytes([icmp_type, code])
+
+
+def worker(el):
+    return el.edge_dp.workers[0].stats()
+
+
+def send(el, t, dst: str, tag: bytes, ttl: int = 64, size: int = 0) -> bytes:
+    inner = inner_udp("10.10.0.5", dst, tag, ttl=ttl, size=size)
+    el.to_edge_from_customer(t.esp_from_router(inner))
+    return inner
+
+
+def wait_flush(el, before: int) -> None:
+    """Until the route watch has passed a netlink change on to the worker."""
+    deadline = time.monotonic() + 3
+    while worker(el).nh_flushes == before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert worker(el).nh_flushes > before, "the netlink change did not reach the worker"
+
+
+def test_direct_sockets_on_both_devices(el):
+    w = el.edge_dp.workers[0]
+    with el.edge.enter():
+        assert w.direct_status() == {"cust0": el.edge.index("cust0"),
+                                     "inet0": el.edge.index("inet0")}
+    assert worker(el).direct_ports == 2
+
+
+def test_neighbour_change_moves_the_next_hop(el, tun):
+    el.i0.drain()
+    s0 = worker(el)
+    send(el, tun, L.INET_HOST, b"nb-old")
+    f = el.i0.recv(2.0, match=udp_tagged(b"nb-old"))
+    assert f is not None and f[:6] == L.mac(L.MAC_I0)
+    try:
+        el.edge.run("ip", "neigh", "replace", L.INET_HOST, "lladdr", NEW_MAC, "dev", "inet0",
+                    "nud", "permanent")
+        wait_flush(el, s0.nh_flushes)
+        inner = send(el, tun, L.INET_HOST, b"nb-new")
+        f = el.i0.recv(2.0, match=udp_tagged(b"nb-new"))
+        assert f is not None
+        assert f[:6] == L.mac(NEW_MAC) and f[6:12] == L.mac(L.MAC_INET0)
+        assert f[14:] == with_ttl(inner, 63)
+    finally:
+        el.edge.run("ip", "neigh", "replace", L.INET_HOST, "lladdr", L.MAC_I0, "dev", "inet0",
+                    "nud", "permanent")
+    s1 = worker(el)
+    assert (s1.tx_direct - s0.tx_direct, s1.tx_slow - s0.tx_slow) == (2, 0)
+
+
+def test_route_change_follows_the_fib(el, tun):
+    el.i0.drain()
+    el.c0.drain()
+    try:
+        el.edge.run("ip", "route", "add", FAR_PREFIX, "via", L.INET_HOST, "dev", "inet0")
+        s0 = worker(el)
+        send(el, tun, FAR_HOST, b"rt-inet")
+        f = el.i0.recv(2.0, match=udp_tagged(b"rt-inet"))
+        assert f is not None and f[:6] == L.mac(L.MAC_I0)
+        # the route moves to the customer side: the same destination leaves on cust0
+        el.edge.run("ip", "route", "replace", FAR_PREFIX, "via", L.ROUTER, "dev", "cust0")
+        wait_flush(el, s0.nh_flushes)
+        send(el, tun, FAR_HOST, b"rt-cust")
+        f = el.c0.recv(2.0, match=udp_tagged(b"rt-cust"))
+        assert f is not None
+        assert f[:6] == L.mac(L.MAC_C0) and f[6:12] == L.mac(L.MAC_CUST0)
+        assert el.i0.recv(0.2, match=udp_tagged(b"rt-cust")) is None
+        s1 = worker(el)
+        assert (s1.tx_direct - s0.tx_direct, s1.tx_slow - s0.tx_slow) == (2, 0)
+        # no route at all: the worker sends it to the kernel, which drops it and says so
+        el.edge.run("ip", "route", "del", FAR_PREFIX)
+        wait_flush(el, s1.nh_flushes)
+        send(el, tun, FAR_HOST, b"rt-none")
+        assert el.c0.recv(2.0, match=icmp_frame(3, 0)) is not None   # net unreachable
+        assert el.i0.recv(0.2, match=udp_tagged(b"rt-none")) is None
+        s2 = worker(el)
+        assert (s2.tx_direct - s1.tx_direct, s2.tx_slow - s1.tx_slow) == (0, 1)
+        assert s2.nh_no_route - s1.nh_no_route == 1
+    finally:
+        el.edge.run("ip", "route", "del", FAR_PREFIX, check=False)
+
+
+def test_ttl_expiring_takes_the_kernel_path(el, tun):
+    el.c0.drain()
+    el.i0.drain()
+    s0 = worker(el)
+    steer0 = el.edge_dp.stats()["steering"]
+    send(el, tun, L.INET_HOST, b"ttl-1", ttl=1)
+    f = el.c0.recv(2.0, match=icmp_frame(11, 0))        # time exceeded, from the kernel
+    assert f is not None
+    # from the address of the route back to the source (the internal veth has none)
+    assert f[26:30] == ipaddress.IPv4Address(L.EDGE_EP).packed
+    assert el.i0.recv(0.2, match=udp_tagged(b"ttl-1")) is None
+    s1 = worker(el)
+    assert (s1.tx_direct - s0.tx_direct, s1.tx_slow - s0.tx_slow) == (0, 1)
+    assert s1.slow_ttl - s0.slow_ttl == 1
+    assert el.edge_dp.stats()["steering"]["fwd_ttl"] - steer0["fwd_ttl"] == 1
+
+
+def test_too_big_for_the_egress_mtu_is_fragmented_by_the_kernel(el, tun):
+    el.i0.drain()
+    s0 = worker(el)
+    try:
+        el.edge.run("ip", "link", "set", "inet0", "mtu", "1000")
+        wait_flush(el, s0.nh_flushes)
+        s0 = worker(el)
+        inner = send(el, tun, L.INET_HOST, b"big", size=1300)
+        frags = el.i0.recv_all(2, 2.0, match=lambda f: f[12:14] == b"\x08\x00" and
+                               f[18:20] == b"\x42\x42")   # the inner packet's IP ID
+        assert len(frags) == 2
+        first, second = (f[14:] for f in frags)
+        assert struct.unpack("!HH", first[2:4] + first[6:8]) == (996, 0x2000)   # MF, offset 0
+        assert struct.unpack("!HH", second[2:4] + second[6:8]) == (
+            20 + len(inner) - 20 - 976, 976 // 8)
+        s1 = worker(el)
+        assert (s1.tx_direct - s0.tx_direct, s1.tx_slow - s0.tx_slow) == (0, 1)
+        assert s1.slow_mtu - s0.slow_mtu == 1
+        # a packet that fits still leaves directly
+        send(el, tun, L.INET_HOST, b"small", size=100)
+        assert el.i0.recv(2.0, match=udp_tagged(b"small")) is not None
+        assert worker(el).tx_direct - s1.tx_direct == 1
+    finally:
+        el.edge.run("ip", "link", "set", "inet0", "mtu", "1500")
