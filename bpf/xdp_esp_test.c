@@ -10,8 +10,9 @@
  *                  packets (decrypted inner packets) get TTL - 1 here; packets the edge originated
  *                  (outer ESP from a local tunnel endpoint) keep their TTL. No neighbour yet, TTL
  *                  <= 1, or anything the FIB does not forward: XDP_PASS, the kernel handles it.
- *   xdp_esp_nexthop never attached: the worker runs it (BPF_PROG_TEST_RUN) to ask the kernel FIB
- *                  where a packet would go, and then sends it there itself (bpf/nexthop.h).
+ *   esp_nexthop    never attached (a TC program): the worker runs it (BPF_PROG_TEST_RUN) to ask
+ *                  the kernel FIB where a packet would go, then sends it there itself
+ *                  (bpf/nexthop.h).
  *
  * Both live in one object so they share the maps. Parsing and the MSS clamp here are local and
  * minimal: once the edge program carries ESP they are the dispatcher's (parse.h, mss.h, fwd.h).

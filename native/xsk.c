@@ -550,7 +550,7 @@ static void nh_resolve(struct xt_xsk *x, const struct xt_pkt *p, int fam, struct
     in[12] = fam == 4 ? 0x08 : 0x86;
     in[13] = fam == 4 ? 0x00 : 0xdd;
     memcpy(in + ETH_HLEN, p->data, len - ETH_HLEN);
-    struct xdp_md ctx = {.data = 0, .data_end = len, .ingress_ifindex = x->cfg.nh_ifindex};
+    struct __sk_buff ctx = {.ifindex = x->cfg.nh_ifindex}; /* the skb's device: router end */
     LIBBPF_OPTS(bpf_test_run_opts, o, .data_in = in, .data_size_in = len, .data_out = out,
                 .data_size_out = sizeof(out), .ctx_in = &ctx, .ctx_size_in = sizeof(ctx),
                 .repeat = 1);
@@ -558,9 +558,14 @@ static void nh_resolve(struct xt_xsk *x, const struct xt_pkt *p, int fam, struct
     e->port = SLOW_PORT;
     e->mtu = 0;
     e->expires_ms = now + NH_NEGATIVE_MS;
+    struct timespec t0, t1;
     x->st.nh_lookups++;
-    if (bpf_prog_test_run_opts(x->cfg.nh_prog_fd, &o) != 0 || o.retval != 2 /* XDP_PASS */ ||
-        o.data_size_out < sizeof(r)) {
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    int rc = bpf_prog_test_run_opts(x->cfg.nh_prog_fd, &o);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    x->st.nh_lookup_ns += (uint64_t)((t1.tv_sec - t0.tv_sec) * 1000000000LL +
+                                     (t1.tv_nsec - t0.tv_nsec));
+    if (rc != 0 || o.retval != 0 /* XT_NH_DONE */ || o.data_size_out < sizeof(r)) {
         x->st.nh_lookup_errors++;
         return;
     }

@@ -17,7 +17,7 @@
  *
  * Where a processed frame goes (the next-hop cache): the route is the kernel's. On a cache miss
  * the worker asks the kernel FIB itself: it runs the lookup program (nh_prog_fd, bpf/nexthop.h's
- * xdp_esp_nexthop, bpf_fib_lookup twice: next hop and MACs, then the path MTU) once with
+ * esp_nexthop, a TC program: bpf_fib_lookup twice, path MTU, then device and MACs) once with
  * BPF_PROG_TEST_RUN, as if the packet had arrived on the router end of the internal veth, and
  * caches the answer per (family, source, destination, TOS / flow label, protocol) - the inputs
  * of that lookup - for nh_ttl_ms. A frame goes out directly when the answer is an egress device
@@ -137,6 +137,7 @@ struct xt_xsk_stats {
     uint64_t tx_slow;           /* frames sent through the internal veth (kernel FIB) */
     uint64_t nh_lookups;        /* next-hop cache misses resolved with the lookup program */
     uint64_t nh_lookup_errors;  /* lookups the kernel refused to run (slow path taken) */
+    uint64_t nh_lookup_ns;      /* time spent in those lookups (the worker waits for each) */
     uint64_t nh_no_route;       /* lookups without a usable answer (no neighbour, blackhole...) */
     uint64_t nh_deferred;       /* misses over the per-batch lookup budget (slow path taken) */
     uint64_t nh_flushes;        /* cache flushes seen */

@@ -24,7 +24,7 @@ Pieces (each usable alone, the tests use them that way):
 
 Where processed packets go: where the kernel FIB routes them. The worker asks the FIB itself on
 a next-hop cache miss (bpf/nexthop.h, run with BPF_PROG_TEST_RUN as if the packet had arrived on
-the internal veth) and transmits straight out of the egress device when it has a socket there;
+the internal veth's router end) and transmits straight out of the egress device when it has a socket there;
 every route, neighbour, address or link change netlink reports empties the caches
 (:class:`RouteWatch`), and entries live one second at most. Everything else - no neighbour yet,
 TTL <= 1, too big for the path MTU, a device without a socket - it transmits on ``xtesp0``, and
@@ -468,7 +468,7 @@ class Steering:
         self.bpf = BPF(text=bcc_source(STEER_SRC).encode(), cflags=cflags or [])
         self.steer_fn = self.bpf.load_func(b"xdp_esp_steer", BPF.XDP)
         self.fwd_fn = self.bpf.load_func(b"xdp_esp_fwd", BPF.XDP)
-        self.nh_fn = self.bpf.load_func(b"xdp_esp_nexthop", BPF.XDP)   # run, never attached
+        self.nh_fn = self.bpf.load_func(b"esp_nexthop", BPF.SCHED_CLS)   # run, never attached
         self._attached: list[tuple[str, int]] = []
         self.steer_maps = edge_bpf if edge_bpf is not None else self.bpf
         self.external = edge_bpf is not None

@@ -85,6 +85,7 @@ class XskStats:
     tx_slow: int            # frames sent through the internal veth (the kernel FIB routes them)
     nh_lookups: int         # next-hop cache misses asked of the kernel FIB
     nh_lookup_errors: int
+    nh_lookup_ns: int       # time the worker spent in them
     nh_no_route: int        # lookups without a usable answer (no neighbour yet, unreachable...)
     nh_deferred: int        # misses over the per-batch lookup budget
     nh_flushes: int
@@ -254,6 +255,7 @@ class XskWorker:
             k_fill_empty=s.k_fill_empty, k_tx_invalid=s.k_tx_invalid, tx_budget=s.tx_budget,
             zerocopy=bool(s.zerocopy), running=bool(s.running), tx_direct=s.tx_direct,
             tx_slow=s.tx_slow, nh_lookups=s.nh_lookups, nh_lookup_errors=s.nh_lookup_errors,
+            nh_lookup_ns=s.nh_lookup_ns,
             nh_no_route=s.nh_no_route, nh_deferred=s.nh_deferred, nh_flushes=s.nh_flushes,
             slow_ttl=s.slow_ttl, slow_mtu=s.slow_mtu, direct_ports=s.direct_ports)
 

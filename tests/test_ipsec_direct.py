@@ -174,3 +174,23 @@ def test_too_big_for_the_egress_mtu_is_fragmented_by_the_kernel(el, tun):
         assert worker(el).tx_direct - s1.tx_direct == 1
     finally:
         el.edge.run("ip", "link", "set", "inet0", "mtu", "1500")
+
+
+def test_many_destinations_all_delivered(el, tun):
+    """200 destinations in one burst: each is a cache miss; lookups beyond the per-batch budget
+    take the internal veth, so every packet arrives either way."""
+    el.i0.drain()
+    try:
+        el.edge.run("ip", "route", "add", FAR_PREFIX, "via", L.INET_HOST, "dev", "inet0")
+        s0 = worker(el)
+        for i in range(1, 201):
+            send(el, tun, f"203.0.113.{i}", b"many-%03d" % i)
+        got = el.i0.recv_all(200, 5.0, match=lambda f: f[23] == 17 and b"many-" in f)
+        assert sorted(f[30:34] for f in got) == sorted(
+            ipaddress.IPv4Address(f"203.0.113.{i}").packed for i in range(1, 201))
+        s1 = worker(el)
+        assert (s1.tx_direct - s0.tx_direct) + (s1.tx_slow - s0.tx_slow) == 200
+        assert s1.nh_lookups - s0.nh_lookups == s1.tx_direct - s0.tx_direct
+        assert s1.nh_lookup_errors == s0.nh_lookup_errors
+    finally:
+        el.edge.run("ip", "route", "del", FAR_PREFIX, check=False)
