@@ -49,3 +49,17 @@ def test_ipsec_rows_from_the_esp_module_gre_rows_from_the_maps():
                           "module (daemon status file)")]
     # without a daemon status file the IPsec row shows the XDP counters (zero)
     assert render(cfg, counters)[2].split() == ["s", "2", "0", "0", "0", "0", "-"]
+
+
+def test_worker_rows_show_where_frames_went():
+    cfg = loads(CFG, env={"T_PSK": "x" * 32})
+    esp = {"tunnels": {}, "workers": [
+        {"rx_packets": 10, "decrypt_ok": 6, "encrypt_ok": 3, "tx_direct": 7, "tx_slow": 2,
+         "slow_ttl": 1, "slow_mtu": 1, "nh_no_route": 0, "nh_lookups": 4, "k_rx_ring_full": 5},
+        {"rx_packets": 1}]}
+    lines = render(cfg, maps.Counters(tunnels={}, tunnel_reasons={}, reasons={}), esp)
+    assert [line.split() for line in lines[-3:]] == [
+        ["WORKER", "RX", "DECRYPTED", "ENCRYPTED", "DIRECT", "VIA", "VETH", "TTL<=1", "TOO",
+         "BIG", "NO", "ROUTE", "FIB", "LOOKUPS", "RX", "RING", "FULL"],
+        ["0", "10", "6", "3", "7", "2", "1", "1", "0", "4", "5"],
+        ["1", "1", "0", "0", "0", "0", "0", "0", "0", "0", "0"]]

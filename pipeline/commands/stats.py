@@ -60,7 +60,23 @@ def render(cfg, counters: maps.Counters, esp: dict[str, Any] | None = None) -> l
     if esp_tunnels:
         lines.append("IPsec rows: decrypted (DECAP) and encrypted (ENCAP) by the ESP module "
                      "(daemon status file)")
+    lines += worker_lines((esp or {}).get("workers") or [])
     return lines
+
+
+def worker_lines(workers: list[dict[str, Any]]) -> list[str]:
+    """One row per AF_XDP worker: what it took, where it sent it (straight out of the egress
+    device, or through the internal veth to the kernel's forwarding and why), what was lost."""
+    if not workers:
+        return []
+    rows = [["WORKER", "RX", "DECRYPTED", "ENCRYPTED", "DIRECT", "VIA VETH", "TTL<=1", "TOO BIG",
+             "NO ROUTE", "FIB LOOKUPS", "RX RING FULL"]]
+    for i, w in enumerate(workers):
+        rows.append([str(i)] + [str(int(w.get(k, 0))) for k in (
+            "rx_packets", "decrypt_ok", "encrypt_ok", "tx_direct", "tx_slow", "slow_ttl",
+            "slow_mtu", "nh_no_route", "nh_lookups", "k_rx_ring_full")])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return [""] + ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
 
 
 @click.command("stats")
