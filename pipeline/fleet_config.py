@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,18 +133,26 @@ class PushResult:
     revision: int
 
 
-def push(fleet: Config, store: Store, layout: Layout) -> PushResult:
-    """Make the store's tunnels and routes exactly ``fleet``'s: put what is new or different,
-    delete what the file no longer has. Names in the result are ``tunnel <name>`` and
-    ``route <prefix> -> <tunnel>``. Routes are written after tunnels and deleted before them,
-    so a node watching never sees a route to a tunnel that does not exist yet or any more."""
+@dataclass
+class PushStep:
+    what: str                 # "added", "changed" or "removed"
+    name: str                 # ``tunnel <name>`` or ``route <prefix> -> <tunnel>``
+    key: str
+    value: bytes | None       # None: delete
+
+
+def plan(fleet: Config, layout: Layout, have_tunnels: Iterable[Any] = (),
+         have_routes: Iterable[Any] = ()) -> tuple[list[PushStep], int]:
+    """What makes the store's tunnels and routes exactly ``fleet``'s, given the records it holds
+    (``store.list(...).records``): the steps in the order they must be applied, and how many
+    records stay as they are. Routes are written after tunnels and deleted before them, so a
+    node watching never sees a route to a tunnel that does not exist yet or any more."""
     want_t = {layout.tunnel(t.name): (f"tunnel {t.name}", encode_tunnel(t))
               for t in (*fleet.gre_tunnels, *fleet.ipsec_tunnels)}
     want_r = {layout.route(r.tunnel, str(r.prefix)): (f"route {r.prefix} -> {r.tunnel}",
                                                        encode_route(r)) for r in fleet.routes}
-    res = PushResult([], [], [], 0, store.revision())
-    have_t = {r.key: r for r in store.list(layout.tunnels).records}
-    have_r = {r.key: r for r in store.list(layout.routes).records}
+    have_t = {r.key: r for r in have_tunnels}
+    have_r = {r.key: r for r in have_routes}
 
     def names(recs: dict, key: str, decode: Callable) -> str:
         try:
@@ -154,20 +162,33 @@ def push(fleet: Config, store: Store, layout: Layout) -> PushResult:
         return f"route {obj.prefix} -> {obj.tunnel}" if isinstance(obj, Route) \
             else f"tunnel {obj['name']}"
 
+    steps: list[PushStep] = []
+    unchanged = 0
     for key in sorted(set(have_r) - set(want_r)):
-        res.removed.append(names(have_r, key, decode_route))
-        res.revision = store.delete(key).revision or res.revision
+        steps.append(PushStep("removed", names(have_r, key, decode_route), key, None))
     for want, have in ((want_t, have_t), (want_r, have_r)):
         for key, (name, value) in sorted(want.items()):
             old = have.get(key)
             if old is not None and old.value == value:
-                res.unchanged += 1
+                unchanged += 1
                 continue
-            (res.changed if old is not None else res.added).append(name)
-            res.revision = store.put(key, value)
+            steps.append(PushStep("changed" if old is not None else "added", name, key, value))
     for key in sorted(set(have_t) - set(want_t)):
-        res.removed.append(names(have_t, key, decode_tunnel))
-        res.revision = store.delete(key).revision or res.revision
+        steps.append(PushStep("removed", names(have_t, key, decode_tunnel), key, None))
+    return steps, unchanged
+
+
+def push(fleet: Config, store: Store, layout: Layout) -> PushResult:
+    """Make the store's tunnels and routes exactly ``fleet``'s (:func:`plan`, applied)."""
+    steps, unchanged = plan(fleet, layout, store.list(layout.tunnels).records,
+                            store.list(layout.routes).records)
+    res = PushResult([], [], [], unchanged, store.revision())
+    for st in steps:
+        getattr(res, st.what).append(st.name)
+        if st.value is None:
+            res.revision = store.delete(st.key).revision or res.revision
+        else:
+            res.revision = store.put(st.key, st.value)
     return res
 
 

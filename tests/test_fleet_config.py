@@ -131,6 +131,11 @@ def test_push_again_changes_only_what_differs(tmp_path):
     text = text[:text.index("[tunnels.ipsec.site-b]")] + text[text.index("[[routes]]"):]
     text = text[:text.rindex("[[routes]]")]
     fleet.write_text(text)
+    dry = cli("config", "push", "--dry-run", "-c", str(node), str(fleet))
+    assert dry.stdout.splitlines() == [   # in the order a push applies them
+        "removed  route 10.1.0.0/24 -> site-a", "removed  route 10.3.0.0/24 -> site-b",
+        "added    route 10.9.0.0/24 -> site-a", "removed  tunnel site-b",
+        "dry run: would push 1 added, 0 changed, 3 removed, 1 unchanged; nothing written"]
     r = cli("config", "push", "-c", str(node), str(fleet))
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines()[:5] == [
@@ -235,8 +240,11 @@ def test_the_shipped_fleet_example_pushes_and_loads(tmp_path, monkeypatch):
     dry = subprocess.run([*cmd, "--dry-run"], cwd=REPO, env=env, capture_output=True,
                          text=True, timeout=60, check=False)
     assert dry.returncode == 0, dry.stderr
-    assert dry.stdout.strip() == ("dry run: 2 tunnels and 2 routes valid; the store holds "
-                                  "0 tunnels and 0 routes")
+    assert dry.stdout.splitlines() == [
+        "added    tunnel branch-1", "added    tunnel site-c",
+        "added    route 172.21.0.0/16 -> branch-1", "added    route 10.30.0.0/16 -> site-c",
+        "dry run: would push 4 added, 0 changed, 0 removed, 0 unchanged; nothing written"]
+    assert not (tmp_path / "state.db").exists()   # a dry run writes nothing, not even a file
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
                        check=False)
     assert r.returncode == 0, r.stderr

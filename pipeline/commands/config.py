@@ -134,6 +134,19 @@ def check(file: str) -> None:
         click.echo("tunnels and routes: from the state store ([state] config_source)")
 
 
+def _dry_run_plan(fleet, layout):
+    """The push plan against the store as it is, without writing to it: a SQLite store that does
+    not exist yet is empty (opening it would create the file)."""
+    from .. import fleet_config
+    from ..config import SqliteState
+    from ..store import open_store
+    if isinstance(fleet.state, SqliteState) and not Path(fleet.state.path).exists():
+        return fleet_config.plan(fleet, layout)
+    with open_store(fleet.state) as store:
+        return fleet_config.plan(fleet, layout, store.list(layout.tunnels).records,
+                                 store.list(layout.routes).records)
+
+
 @config.command("push")
 @click.option("--config", "-c", "node_file", required=True,
               type=click.Path(dir_okay=False, path_type=str),
@@ -174,16 +187,19 @@ def push(node_file: str, fleet_file: str, dry_run: bool) -> None:
         fleet = load(node_file, shared=shared, shared_file=fleet_file)
     except ConfigError as e:
         _invalid(f"{fleet_file} (checked against {node_file})", e)
+    layout = fleet_config.layout_for(fleet.state)
     try:
+        if dry_run:
+            steps, unchanged = _dry_run_plan(fleet, layout)
+            for st in steps:
+                click.echo(f"{st.what:8} {st.name}")
+            counts = {w: sum(st.what == w for st in steps) for w in ("added", "changed",
+                                                                     "removed")}
+            click.echo(f"dry run: would push {counts['added']} added, {counts['changed']} "
+                       f"changed, {counts['removed']} removed, {unchanged} unchanged; nothing "
+                       f"written")
+            return
         with open_store(fleet.state) as store:
-            layout = fleet_config.layout_for(fleet.state)
-            if dry_run:
-                current = fleet_config.read(store, layout)
-                click.echo(f"dry run: {len(fleet.tunnels)} tunnels and {len(fleet.routes)} "
-                           f"routes valid; the store holds "
-                           f"{sum(len(v) for v in current.shared['tunnels'].values())} tunnels "
-                           f"and {len(current.shared['routes'])} routes")
-                return
             res = fleet_config.push(fleet, store, layout)
     except StoreError as e:
         click.echo(f"state store ([state] in {node_file}): {e}", err=True)
