@@ -49,7 +49,6 @@ struct port {
     struct xsk_socket *own;
     struct xsk_ring_prod own_tx, own_fill;
     struct xsk_ring_cons own_comp;
-    int err; /* -errno when the direct socket could not be made */
 };
 
 /* Next-hop cache entry: the kernel FIB's answer for one lookup key (see xsk.h). */
@@ -846,10 +845,13 @@ void xt_xsk_stats(struct xt_xsk *x, struct xt_xsk_stats *out)
             out->k_fill_empty += ks.rx_fill_ring_empty_descs;
         }
     }
-    len = sizeof(ks);
-    memset(&ks, 0, sizeof(ks));
-    if (getsockopt(xsk_socket__fd(x->tx_xsk), SOL_XDP, XDP_STATISTICS, &ks, &len) == 0)
-        out->k_tx_invalid = ks.tx_invalid_descs;
+    out->k_tx_invalid = 0; /* every TX ring: a frame over a device's MTU is refused there */
+    for (unsigned p = 0; p < x->n_ports; p++) {
+        len = sizeof(ks);
+        memset(&ks, 0, sizeof(ks));
+        if (getsockopt(x->ports[p].fd, SOL_XDP, XDP_STATISTICS, &ks, &len) == 0)
+            out->k_tx_invalid += ks.tx_invalid_descs;
+    }
 }
 
 int xt_xsk_natt_peer(struct xt_xsk *x, uint32_t tunnel, uint8_t *addr, uint16_t *port)

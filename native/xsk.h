@@ -132,7 +132,7 @@ struct xt_xsk_stats {
     uint64_t k_rx_invalid;      /*   dropped (no fill frame / too big), invalid descriptors, */
     uint64_t k_rx_ring_full;    /*   RX ring full, fill ring empty (need more frames) */
     uint64_t k_fill_empty;
-    uint64_t k_tx_invalid;      /* kernel: invalid TX descriptors */
+    uint64_t k_tx_invalid;      /* kernel: invalid TX descriptors, every TX ring */
     uint64_t tx_direct;         /* frames sent straight out of an egress device */
     uint64_t tx_slow;           /* frames sent through the internal veth (kernel FIB) */
     uint64_t nh_lookups;        /* next-hop cache misses resolved with the lookup program */
