@@ -603,7 +603,10 @@ class Demo:
                                                        f"{proc.stderr.strip()[-300:]}"))
 
     def look_around(self) -> None:
-        step("Look around (while the demo waits)")
+        interactive = not self.ci and sys.stdin.isatty()
+        step("Look around (while the demo waits for Enter)" if interactive else
+             "Look around (run from a terminal, the demo waits for Enter here so these can "
+             "be tried)")
         n = self.ns
         o = self.out.relative_to(REPO)
         say(f"  .venv/bin/xtransit tunnel list -c {o}/edge.toml      # state, SAs, packets")

@@ -17,6 +17,7 @@ import signal
 import threading
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 
 import click
 
@@ -65,6 +66,11 @@ def _config(path: str | None):
 def _history(cfg, db: str | None):
     from ..analytics.store import History, StoreError
     path = db or cfg.analytics.history_file
+    if not Path(path).exists():
+        click.echo(f"no analytics history at {path}: `xtransit run` writes it while the edge "
+                   f"runs ([analytics] history_file in the config; --db reads another file)",
+                   err=True)
+        raise SystemExit(1)
     try:
         a = cfg.analytics
         return History(path, fine_retention=a.fine_retention, coarse=a.history_interval,
