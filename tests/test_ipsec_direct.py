@@ -3,7 +3,7 @@ it when routes and neighbours change; what the worker must not send itself takes
 veth, where the kernel handles it (TTL expiry, too big, no route).
 
 Lab: tests/ipsec_lab.py in the "direct" design (one worker receiving on cust0 and inet0 and
-transmitting straight out of both). Packets are decrypted from a static SA (tests/esp_support.py
+transmitting straight out of both), the steering program in native and in generic XDP mode. Packets are decrypted from a static SA (tests/esp_support.py
 builds the ESP independently) so every case is the worker's transit path.
 """
 from __future__ import annotations
@@ -24,11 +24,11 @@ NEW_MAC = "02:00:00:00:02:99"
 FAR_PREFIX, FAR_HOST = "203.0.113.0/24", "203.0.113.7"
 
 
-@pytest.fixture(scope="module")
-def el():
+@pytest.fixture(scope="module", params=["native", "generic"])
+def el(request):
     lab = netns.Lab("ipdirect")
     try:
-        e = L.build(lab, design="direct")
+        e = L.build(lab, xdp_mode=request.param, design="direct")
         yield e
         with e.edge.enter():
             e.edge_dp.close()
