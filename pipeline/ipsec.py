@@ -764,6 +764,12 @@ class IpsecEdge:
         # bpf_fib_lookup forwards only from a device with forwarding on
         with open(f"/proc/sys/net/ipv4/conf/{INTERNAL_ROUTER_END}/forwarding", "w") as f:
             f.write("1")
+        # ESP the edge originates (source: a local tunnel endpoint) that the forwarder passes to
+        # the kernel - too big for the egress MTU, or no neighbour yet - is otherwise dropped as a
+        # martian source; with accept_local the kernel forwards it: fragments the outer packet
+        # (its DF is clear, RFC 4303 3.3.4 / RFC 4301 8.1) or resolves the neighbour
+        with open(f"/proc/sys/net/ipv4/conf/{INTERNAL_ROUTER_END}/accept_local", "w") as f:
+            f.write("1")
         with contextlib.suppress(FileNotFoundError), \
                 open(f"/proc/sys/net/ipv6/conf/{INTERNAL_ROUTER_END}/forwarding", "w") as f:
             f.write("1")   # absent when IPv6 is disabled

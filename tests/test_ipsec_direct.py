@@ -14,6 +14,7 @@ import time
 
 import ipsec_lab as L
 import pytest
+from esp_support import ref_decrypt
 from test_ipsec_datapath import Tun, inner_udp, with_ttl
 
 from pipeline import netns
@@ -194,3 +195,25 @@ def test_many_destinations_all_delivered(el, tun):
         assert s1.nh_lookup_errors == s0.nh_lookup_errors
     finally:
         el.edge.run("ip", "route", "del", FAR_PREFIX, check=False)
+
+
+def test_encrypted_packet_over_the_mtu_is_fragmented_outside(el, tun):
+    """A 1486-byte packet to the customer encrypts to more than cust0's 1500: the worker hands it
+    to the kernel through the internal veth, which fragments the outer ESP packet (DF clear)
+    instead of dropping it as coming from one of its own addresses."""
+    el.c0.drain()
+    s0 = worker(el)
+    inner = inner_udp(L.INET_HOST, "10.10.0.5", b"big-out-", size=1450)
+    assert len(inner) == 1486
+    el.to_edge_from_internet(inner)
+    frags = el.c0.recv_all(2, 2.0, match=lambda f: f[12:14] == b"\x08\x00" and f[23] == 50)
+    assert len(frags) == 2
+    ips = sorted((f[14:] for f in frags), key=lambda ip: struct.unpack("!H", ip[6:8])[0] & 0x1fff)
+    assert [struct.unpack("!H", ip[6:8])[0] for ip in ips] == [0x2000, 1480 // 8]   # MF; offset
+    assert struct.unpack("!H", ips[0][2:4])[0] == 1500
+    esp = ips[0][20:1500] + ips[1][20:struct.unpack("!H", ips[1][2:4])[0]]
+    nh, plain, seq = ref_decrypt(tun.ref_out, esp)
+    assert (nh, plain) == (4, with_ttl(inner, 63))
+    s1 = worker(el)
+    assert (s1.tx_direct - s0.tx_direct, s1.tx_slow - s0.tx_slow) == (0, 1)
+    assert s1.slow_mtu - s0.slow_mtu == 1
