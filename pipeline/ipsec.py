@@ -568,8 +568,9 @@ def _in_netns(fd: int | None):
 
 
 class RouteWatch:
-    """Empties the workers' next-hop caches whenever netlink reports a change of a route, rule,
-    neighbour, address or link in this network namespace (a thread; close() stops it).
+    """Empties the workers' next-hop caches whenever netlink reports a change of a route, rule
+    (IPv4 or IPv6), nexthop object, neighbour, address or link in this network namespace (a
+    thread; close() stops it).
 
     Any message is reason enough, so the messages are not parsed: a plain NETLINK_ROUTE socket
     bound to the multicast groups (pyroute2's IPRoute, which the rest of the module uses, would
@@ -577,17 +578,23 @@ class RouteWatch:
 
     # rtnetlink multicast groups (include/uapi/linux/rtnetlink.h RTMGRP_*)
     GROUPS = (0x1 | 0x4 | 0x10 | 0x40 | 0x80 | 0x100 | 0x400)
-    # LINK, NEIGH, IPV4_IFADDR, IPV4_ROUTE, IPV4_RULE, IPV6_IFADDR, IPV6_ROUTE
+    # LINK, NEIGH, IPV4_IFADDR, IPV4_ROUTE, IPV4_RULE, IPV6_IFADDR, IPV6_ROUTE; groups past the
+    # legacy bit mask are joined by number (enum rtnetlink_groups): IPV6_RULE, NEXTHOP
+    EXTRA_GROUPS = (19, 32)
+    SOL_NETLINK, NETLINK_ADD_MEMBERSHIP = 270, 1
 
     def __init__(self, workers: list[Any]) -> None:
         import socket
 
         self._workers = workers
         self.flushes = 0
+        self.seen: dict[tuple[int, int], int] = {}   # (RTM_* type, family) -> messages
         self._stop = threading.Event()
         self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
         try:
             self._sock.bind((0, self.GROUPS))
+            for group in self.EXTRA_GROUPS:
+                self._sock.setsockopt(self.SOL_NETLINK, self.NETLINK_ADD_MEMBERSHIP, group)
             self._sock.settimeout(0.2)
         except BaseException:
             self._sock.close()
@@ -596,10 +603,20 @@ class RouteWatch:
         self._thread.start()
 
     def _run(self) -> None:
+        import struct
+
         while not self._stop.is_set():
             try:
-                if not self._sock.recv(65536):
+                data = self._sock.recv(65536)
+                if not data:
                     continue
+                # (message type, address family) of each message, for the record
+                off = 0
+                while off + 17 <= len(data):
+                    length, kind = struct.unpack_from("=IH", data, off)
+                    key = (kind, data[off + 16])
+                    self.seen[key] = self.seen.get(key, 0) + 1
+                    off += max(16, (length + 3) & ~3)
             except TimeoutError:
                 continue
             except OSError as e:   # ENOBUFS: messages were lost - flush, as for any change

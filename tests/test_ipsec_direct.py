@@ -217,3 +217,31 @@ def test_encrypted_packet_over_the_mtu_is_fragmented_outside(el, tun):
     s1 = worker(el)
     assert (s1.tx_direct - s0.tx_direct, s1.tx_slow - s0.tx_slow) == (0, 1)
     assert s1.slow_mtu - s0.slow_mtu == 1
+
+
+RTM_NEWRULE, RTM_NEWNEXTHOP = 32, 104          # include/uapi/linux/rtnetlink.h
+AF_INET, AF_INET6 = 2, 10
+
+
+@pytest.mark.parametrize(("cmd", "message"), [
+    (("ip", "-6", "rule", "add", "from", "2001:db8:10::/48", "lookup", "100"),
+     (RTM_NEWRULE, AF_INET6)),
+    (("ip", "rule", "add", "from", "10.10.0.0/24", "lookup", "100"), (RTM_NEWRULE, AF_INET)),
+    (("ip", "nexthop", "add", "id", "77", "via", L.INET_HOST, "dev", "inet0"),
+     (RTM_NEWNEXTHOP, AF_INET)),
+], ids=["ipv6-rule", "ipv4-rule", "nexthop-object"])
+def test_rule_and_nexthop_changes_flush_the_cache(el, cmd, message):
+    watch = el.edge_dp.route_watch
+    seen = watch.seen.get(message, 0)
+    before = worker(el).nh_flushes
+    undo = ("ip", "nexthop", "del", "id", "77") if cmd[1] == "nexthop" else \
+        tuple(c if c != "add" else "del" for c in cmd)
+    try:
+        el.edge.run(*cmd)
+        deadline = time.monotonic() + 3
+        while watch.seen.get(message, 0) == seen and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert watch.seen.get(message, 0) == seen + 1   # the change itself reached the watch
+        wait_flush(el, before)
+    finally:
+        el.edge.run(*undo, check=False)
