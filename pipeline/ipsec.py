@@ -877,8 +877,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = _config.load(a.config)
     entries = load_static_sas(a.file, cfg)
     dp = IpsecDataPath.from_config(cfg) if cfg else IpsecDataPath({})
-    devices = [RxDevice(d.split(":")[0], (0,), "generic" if d.endswith(":generic") else "native")
-               for d in a.dev]
+    # every RX queue of a device gets a socket: a steered packet on a queue without one is dropped
+    devices = [RxDevice(d.split(":")[0], _xsk.rx_queues(d.split(":")[0]),
+                        "generic" if d.endswith(":generic") else "native") for d in a.dev]
     edge = None
     try:
         edge = IpsecEdge(dp, devices, a.endpoint, workers=a.workers)

@@ -328,38 +328,6 @@ def _local_addresses() -> set[str]:
         return {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(family=socket.AF_INET)}
 
 
-MAX_RX_QUEUES = 16      # bpf/esp_steer.h XT_ESP_MAX_QUEUES: sockets per device
-_SIOCETHTOOL = 0x8946
-_ETHTOOL_GCHANNELS = 0x3C
-
-
-def _rx_queues(ifname: str) -> tuple[int, ...]:
-    """Every RX queue in use on a device gets an AF_XDP socket (steered packets arriving on a
-    queue without one are dropped as esp_no_worker). The count is the driver's channel count
-    (`ethtool -l`: rx + combined), which is the kernel's real_num_rx_queues that AF_XDP bind
-    checks; a driver without channel support has one queue."""
-    import array
-    import fcntl
-    import struct
-    chan = array.array("I", [_ETHTOOL_GCHANNELS] + [0] * 8)
-    addr, _ = chan.buffer_info()
-    ifreq = struct.pack("16sP", ifname.encode()[:15], addr) + bytes(16)
-    n = 1
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            fcntl.ioctl(s.fileno(), _SIOCETHTOOL, ifreq)
-            # struct ethtool_channels: cmd, max_rx, max_tx, max_other, max_combined,
-            # rx_count, tx_count, other_count, combined_count
-            n = max(1, chan[5] + chan[8])
-        except OSError:
-            pass
-    if n > MAX_RX_QUEUES:
-        log.warning("%s has %d RX queues; AF_XDP sockets on the first %d only (reduce them "
-                    "with `ethtool -L %s combined %d`)", ifname, n, MAX_RX_QUEUES, ifname,
-                    MAX_RX_QUEUES)
-    return tuple(range(min(n, MAX_RX_QUEUES)))
-
-
 def _wants_ipsec(cfg: Config) -> bool:
     """IPsec machinery (ESP steering, AF_XDP worker, IKE) runs for IPsec tunnels, and always on
     a node that takes its tunnels from the store (the fleet may add one at any time)."""
@@ -478,6 +446,7 @@ class Edge:
         from .store import open_store
         from .store.schema import Layout, SharedState
         from .sync import SaSync, StoreSaInstaller
+        from .xsk import rx_queues
 
         local = _local_addresses()
         for a in cfg.node.tunnel_endpoints:
@@ -501,7 +470,7 @@ class Edge:
         self.shared = SharedState(self.store, fleet, layout, node=cfg.node.id)
         self.datapath = IpsecDataPath.from_config(cfg)
         self.installer = EventInstaller(self.datapath)
-        devices = [RxDevice(i.name, _rx_queues(i.name), i.xdp_mode)
+        devices = [RxDevice(i.name, rx_queues(i.name), i.xdp_mode)
                    for i in cfg.node.interfaces]
         try:
             self.ipsec_edge = IpsecEdge(self.datapath, devices,

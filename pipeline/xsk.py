@@ -12,10 +12,15 @@ separate (and ``make sanitize`` can swap the ESP module).
 """
 from __future__ import annotations
 
+import array
 import contextlib
+import fcntl
 import ipaddress
+import logging
 import os
 import signal
+import socket
+import struct
 import threading
 from dataclasses import dataclass
 from typing import Any, Self
@@ -23,12 +28,43 @@ from typing import Any, Self
 from pipeline import esp as _esp
 from pipeline._xsk import ffi, lib
 
+log = logging.getLogger(__name__)
+
 __all__ = ["MODE_AUTO", "MODE_COPY", "MODE_ZEROCOPY", "NattTable", "XskError", "XskStats",
            "XskWorker", "stop_on_sigterm"]
 
 MODE_AUTO, MODE_COPY, MODE_ZEROCOPY = "auto", "copy", "zerocopy"
 _MODES = {MODE_AUTO: lib.XT_XSK_MODE_AUTO, MODE_COPY: lib.XT_XSK_MODE_COPY,
           MODE_ZEROCOPY: lib.XT_XSK_MODE_ZEROCOPY}
+
+
+MAX_RX_QUEUES = 16      # bpf/esp_steer.h XT_ESP_MAX_QUEUES: sockets per device
+_SIOCETHTOOL = 0x8946
+_ETHTOOL_GCHANNELS = 0x3C
+
+
+def rx_queues(ifname: str) -> tuple[int, ...]:
+    """Every RX queue in use on a device gets an AF_XDP socket (steered packets arriving on a
+    queue without one are dropped as esp_no_worker). The count is the driver's channel count
+    (`ethtool -l`: rx + combined), which is the kernel's real_num_rx_queues that AF_XDP bind
+    checks; a driver without channel support has one queue."""
+    chan = array.array("I", [_ETHTOOL_GCHANNELS] + [0] * 8)
+    addr, _ = chan.buffer_info()
+    ifreq = struct.pack("16sP", ifname.encode()[:15], addr) + bytes(16)
+    n = 1
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            fcntl.ioctl(s.fileno(), _SIOCETHTOOL, ifreq)
+            # struct ethtool_channels: cmd, max_rx, max_tx, max_other, max_combined,
+            # rx_count, tx_count, other_count, combined_count
+            n = max(1, chan[5] + chan[8])
+        except OSError:
+            pass
+    if n > MAX_RX_QUEUES:
+        log.warning("%s has %d RX queues; AF_XDP sockets on the first %d only (reduce them "
+                    "with `ethtool -L %s combined %d`)", ifname, n, MAX_RX_QUEUES, ifname,
+                    MAX_RX_QUEUES)
+    return tuple(range(min(n, MAX_RX_QUEUES)))
 
 
 class XskError(OSError):
