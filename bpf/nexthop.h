@@ -22,6 +22,8 @@
 #define XT_NEXTHOP_H
 
 #define XT_NH_MAGIC 0x58544e48 /* "XTNH"; native/xsk.h XT_XSK_NH_MAGIC */
+#define XT_NH_F_PORTS 1   /* request flag (first byte of the Ethernet destination): use the
+			    * TCP/UDP ports after the IP header; native/xsk.h XT_XSK_NH_F_PORTS */
 #define XT_NH_DONE 0      /* return value: the answer is in the packet */
 #define XT_NH_BAD_INPUT 2 /* return value: not Ethernet + IPv4/IPv6 */
 
@@ -42,6 +44,7 @@ int esp_nexthop(struct __sk_buff *skb)
 	struct ethhdr *eth = data;
 	struct bpf_fib_lookup fib = {}, ask;
 	struct xt_nh_result res = {};
+	void *l4 = 0;
 	int rc;
 
 	if ((void *)(eth + 1) > data_end)
@@ -56,6 +59,7 @@ int esp_nexthop(struct __sk_buff *skb)
 		fib.l4_protocol = ip->protocol;
 		fib.ipv4_src = ip->saddr;
 		fib.ipv4_dst = ip->daddr;
+		l4 = (void *)ip + ip->ihl * 4;
 	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
 		struct ipv6hdr *ip6 = (void *)(eth + 1);
 
@@ -66,8 +70,15 @@ int esp_nexthop(struct __sk_buff *skb)
 		fib.l4_protocol = ip6->nexthdr;
 		__builtin_memcpy(fib.ipv6_src, &ip6->saddr, 16);
 		__builtin_memcpy(fib.ipv6_dst, &ip6->daddr, 16);
+		l4 = ip6 + 1;
 	} else {
 		return XT_NH_BAD_INPUT;
+	}
+	/* the worker asks with ports when the kernel's routing looks at them (port rules, an L4
+	 * multipath hash) and has checked: TCP or UDP, not a fragment, no IPv6 extension header */
+	if ((eth->h_dest[0] & XT_NH_F_PORTS) && l4 + 4 <= data_end) {
+		fib.sport = *(__be16 *)l4;
+		fib.dport = *(__be16 *)(l4 + 2);
 	}
 	if ((void *)eth + sizeof(res) > data_end)
 		return XT_NH_BAD_INPUT;

@@ -52,8 +52,9 @@ struct port {
 };
 
 /* Next-hop cache entry: the kernel FIB's answer for one lookup key (see xsk.h). */
+#define NH_KEY_WORDS 6
 struct nh_entry {
-    uint64_t key[5];
+    uint64_t key[NH_KEY_WORDS];
     uint32_t gen;
     uint32_t expires_ms;
     int32_t port;      /* index into ports[] (>= 1), or 0: the internal veth */
@@ -94,6 +95,8 @@ struct xt_xsk {
     uint32_t nh_flush_req;        /* bumped by xt_xsk_nh_flush() from any thread */
     uint32_t nh_ttl_ms;
     uint32_t nh_flush_seen;
+    uint32_t nh_l4;               /* lookups and keys include TCP/UDP ports (xt_xsk_nh_set_l4) */
+    uint32_t nh_l4_now;           /* the worker's copy, taken at a flush */
     int direct_status[XT_XSK_MAX_DIRECT];
     uint64_t *free_stack;
     uint32_t n_free, n_frames;
@@ -505,31 +508,44 @@ static inline uint32_t now_ms(void)
 }
 
 /* The inputs xdp_esp_fwd gives bpf_fib_lookup for this packet (family, TOS or flow label, protocol,
- * source, destination). Returns 4 or 6, or 0 when the packet is not IP. */
-static int nh_key(const struct xt_pkt *p, uint64_t key[5])
+ * source, destination; with l4, the TCP/UDP ports of a packet that is not a fragment, which the
+ * kernel's port rules and L4 multipath hash look at). Returns 4 or 6, or 0 when the packet is not
+ * IP. *l4_off: the offset of the ports in the packet when they are part of the key, else 0. */
+static int nh_key(const struct xt_pkt *p, int l4, uint64_t key[NH_KEY_WORDS], unsigned *l4_off)
 {
     const uint8_t *h = p->data;
+    unsigned off = 0;
+    int fam = 0;
 
-    memset(key, 0, 5 * sizeof(uint64_t));
+    memset(key, 0, NH_KEY_WORDS * sizeof(uint64_t));
+    *l4_off = 0;
     if (p->len >= 20 && (h[0] >> 4) == 4) {
         key[0] = 4 | (uint64_t)h[1] << 8 | (uint64_t)h[9] << 16;
         memcpy(&key[1], h + 12, 8);
-        return 4;
-    }
-    if (p->len >= 40 && (h[0] >> 4) == 6) {
+        fam = 4;
+        if ((h[6] & 0x3f) == 0 && h[7] == 0) /* not a fragment (MF and offset clear) */
+            off = (h[0] & 15) * 4u;
+    } else if (p->len >= 40 && (h[0] >> 4) == 6) {
         uint32_t flow = ((uint32_t)h[0] << 24 | (uint32_t)h[1] << 16 | (uint32_t)h[2] << 8 | h[3]) &
                         0x0fffffff;
         key[0] = 6 | (uint64_t)h[6] << 8 | (uint64_t)flow << 16;
         memcpy(&key[1], h + 8, 32);
-        return 6;
+        fam = 6;
+        off = 40; /* ports only right after the fixed header (no extension headers) */
     }
-    return 0;
+    uint8_t proto = fam == 4 ? h[9] : fam == 6 ? h[6] : 0;
+    if (l4 && off >= 20 && (proto == 6 || proto == 17) && p->len >= off + 4 && off + 4 <= 64) {
+        key[5] = (uint64_t)1 << 32 | (uint32_t)h[off] << 24 | (uint32_t)h[off + 1] << 16 |
+                 (uint32_t)h[off + 2] << 8 | h[off + 3];
+        *l4_off = off;
+    }
+    return fam;
 }
 
-static inline uint32_t nh_hash(const uint64_t key[5])
+static inline uint32_t nh_hash(const uint64_t key[NH_KEY_WORDS])
 {
     uint64_t h = 0x9e3779b97f4a7c15ULL;
-    for (int i = 0; i < 5; i++) {
+    for (int i = 0; i < NH_KEY_WORDS; i++) {
         h ^= key[i];
         h *= 0xff51afd7ed558ccdULL;
         h ^= h >> 33;
@@ -537,18 +553,21 @@ static inline uint32_t nh_hash(const uint64_t key[5])
     return (uint32_t)h;
 }
 
-/* Ask the kernel FIB (the lookup program, once) and fill entry e, whose key is set. */
-static void nh_resolve(struct xt_xsk *x, const struct xt_pkt *p, int fam, struct nh_entry *e,
-                       uint32_t now)
+/* Ask the kernel FIB (the lookup program, once) and fill entry e, whose key is set. l4_off: where
+ * the ports are when the lookup is to use them (bpf/nexthop.h reads them there), else 0. */
+static void nh_resolve(struct xt_xsk *x, const struct xt_pkt *p, int fam, unsigned l4_off,
+                       struct nh_entry *e, uint32_t now)
 {
-    uint8_t in[ETH_HLEN + 40], out[ETH_HLEN + 40];
-    unsigned len = ETH_HLEN + (fam == 4 ? 20 : 40);
+    uint8_t in[ETH_HLEN + 64], out[ETH_HLEN + 64];
+    unsigned ip_len = l4_off ? l4_off + 4 : (fam == 4 ? 20u : 40u);
+    unsigned len = ETH_HLEN + ip_len;
     struct nh_result r;
 
     memset(in, 0, ETH_HLEN);
+    in[0] = l4_off ? XT_XSK_NH_F_PORTS : 0; /* the request flags ride in the destination MAC */
     in[12] = fam == 4 ? 0x08 : 0x86;
     in[13] = fam == 4 ? 0x00 : 0xdd;
-    memcpy(in + ETH_HLEN, p->data, len - ETH_HLEN);
+    memcpy(in + ETH_HLEN, p->data, ip_len);
     struct __sk_buff ctx = {.ifindex = x->cfg.nh_ifindex}; /* the skb's device: router end */
     LIBBPF_OPTS(bpf_test_run_opts, o, .data_in = in, .data_size_in = len, .data_out = out,
                 .data_size_out = sizeof(out), .ctx_in = &ctx, .ctx_size_in = sizeof(ctx),
@@ -592,7 +611,8 @@ static void nh_resolve(struct xt_xsk *x, const struct xt_pkt *p, int fam, struct
 static void route_out(struct xt_xsk *x, struct xt_pkt *p, int transit, unsigned t, uint32_t now,
                       unsigned *budget)
 {
-    uint64_t key[5];
+    uint64_t key[NH_KEY_WORDS];
+    unsigned l4_off;
     uint8_t *h = p->data;
 
     x->oport[t] = SLOW_PORT;
@@ -600,7 +620,7 @@ static void route_out(struct xt_xsk *x, struct xt_pkt *p, int transit, unsigned 
     memcpy(x->omac[t] + 6, x->cfg.tx_src_mac, 6);
     if (x->n_ports <= 1)
         return;
-    int fam = nh_key(p, key);
+    int fam = nh_key(p, x->nh_l4_now, key, &l4_off);
     if (!fam)
         return;
     if (transit && (fam == 4 ? h[8] : h[7]) <= 1) {
@@ -616,7 +636,7 @@ static void route_out(struct xt_xsk *x, struct xt_pkt *p, int transit, unsigned 
         }
         (*budget)--;
         memcpy(e->key, key, sizeof(key));
-        nh_resolve(x, p, fam, e, now);
+        nh_resolve(x, p, fam, l4_off, e, now);
     }
     if (e->port == SLOW_PORT)
         return;
@@ -793,6 +813,7 @@ int xt_xsk_run(struct xt_xsk *x)
         uint32_t req = __atomic_load_n(&x->nh_flush_req, __ATOMIC_ACQUIRE);
         if (req != x->nh_flush_seen) {
             x->nh_flush_seen = req;
+            x->nh_l4_now = __atomic_load_n(&x->nh_l4, __ATOMIC_ACQUIRE);
             x->nh_gen++;
             x->st.nh_flushes++;
         }
@@ -881,6 +902,14 @@ void xt_xsk_nh_flush(struct xt_xsk *x)
 {
     if (x)
         __atomic_fetch_add(&x->nh_flush_req, 1, __ATOMIC_RELEASE);
+}
+
+void xt_xsk_nh_set_l4(struct xt_xsk *x, int on)
+{
+    if (!x)
+        return;
+    __atomic_store_n(&x->nh_l4, on ? 1u : 0u, __ATOMIC_RELEASE);
+    xt_xsk_nh_flush(x); /* the keys change shape: start afresh */
 }
 
 void xt_xsk_free(struct xt_xsk *x)

@@ -19,8 +19,9 @@
  * the worker asks the kernel FIB itself: it runs the lookup program (nh_prog_fd, bpf/nexthop.h's
  * esp_nexthop, a TC program: bpf_fib_lookup twice, path MTU, then device and MACs) once with
  * BPF_PROG_TEST_RUN, as if the packet had arrived on the router end of the internal veth, and
- * caches the answer per (family, source, destination, TOS / flow label, protocol) - the inputs
- * of that lookup - for nh_ttl_ms. A frame goes out directly when the answer is an egress device
+ * caches the answer per (family, source, destination, TOS / flow label, protocol, and the TCP/UDP
+ * ports when xt_xsk_nh_set_l4() says the kernel's routing looks at them) - the inputs of that
+ * lookup - for nh_ttl_ms. A frame goes out directly when the answer is an egress device
  * with a direct socket, the frame fits its MTU and a transit packet's TTL / hop limit is above 1
  * (decremented here, checksum updated); everything else - no neighbour yet, another device,
  * too big, TTL expiring, a lookup budget spent - takes the internal veth, where the kernel
@@ -63,6 +64,7 @@
 
 /* Result of the lookup program (bpf/nexthop.h struct xt_nh_result; keep in step). */
 #define XT_XSK_NH_MAGIC 0x58544e48
+#define XT_XSK_NH_F_PORTS 1     /* request flag: the lookup uses the TCP/UDP ports */
 
 /* xt_xsk_config.flags. XT_XSK_F_NO_CRYPTO is for benchmarks only: every steered frame is
  * forwarded unchanged, without ESP calls (the AF_XDP path's own ceiling). */
@@ -170,6 +172,9 @@ void xt_xsk_natt_forget(struct xt_xsk *x, uint32_t tunnel);
 int xt_xsk_direct_status(struct xt_xsk *x, unsigned i);
 /* Empty the next-hop cache (takes effect at the worker's next batch; any thread). */
 void xt_xsk_nh_flush(struct xt_xsk *x);
+/* Lookups with the TCP/UDP ports (on) or without (off): on when the kernel's routing looks at
+ * ports (rules with ipproto/sport/dport, an L4 multipath hash); empties the cache. */
+void xt_xsk_nh_set_l4(struct xt_xsk *x, int on);
 /* Close sockets, free the UMEM; the loop must have returned. */
 void xt_xsk_free(struct xt_xsk *x);
 

@@ -567,6 +567,38 @@ def _in_netns(fd: int | None):
         os.close(here)
 
 
+RTM_NEWRULE, RTM_DELRULE = 32, 33   # include/uapi/linux/rtnetlink.h
+
+
+def routing_uses_ports() -> bool:
+    """Whether the kernel's routing in this namespace looks at TCP/UDP ports: a multipath hash
+    over L4 fields (fib_multipath_hash_policy 1, or 3 with port fields), or a rule matching
+    source or destination ports. Then next-hop lookups and their cache keys include the ports;
+    otherwise one answer serves every flow between two addresses."""
+    import json
+    import subprocess
+
+    for fam in ("ipv4", "ipv6"):
+        try:
+            policy = int(Path(f"/proc/sys/net/{fam}/fib_multipath_hash_policy").read_text())
+            fields = int(Path(f"/proc/sys/net/{fam}/fib_multipath_hash_fields").read_text(), 0)
+        except (OSError, ValueError):
+            continue
+        if policy == 1 or (policy == 3 and fields & 0x30):   # FIB_MULTIPATH_HASH_FIELD_*_PORT
+            return True
+    for flag in ("-4", "-6"):
+        try:
+            out = subprocess.run(["ip", "-j", flag, "rule", "show"], capture_output=True,
+                                 text=True, timeout=5, check=True).stdout
+            rules = json.loads(out or "[]")
+        except (OSError, subprocess.SubprocessError, ValueError) as e:
+            log.debug("ip %s rule show: %s", flag, e)
+            continue
+        if any(k.startswith(("sport", "dport")) for r in rules for k in r):
+            return True
+    return False
+
+
 class RouteWatch:
     """Empties the workers' next-hop caches whenever netlink reports a change of a route, rule
     (IPv4 or IPv6), nexthop object, neighbour, address or link in this network namespace (a
@@ -599,24 +631,46 @@ class RouteWatch:
         except BaseException:
             self._sock.close()
             raise
+        self.l4 = routing_uses_ports()
+        for w in self._workers:
+            w.nh_set_l4(self.l4)
         self._thread = threading.Thread(target=self._run, name="xt-route-watch", daemon=True)
         self._thread.start()
 
+    def _recheck_l4(self) -> None:
+        """Keys with or without ports, as the kernel's routing needs (routing_uses_ports)."""
+        l4 = routing_uses_ports()
+        if l4 != self.l4:
+            self.l4 = l4
+            log.info("next-hop lookups %s the TCP/UDP ports now", "use" if l4 else "ignore")
+            for w in self._workers:
+                with contextlib.suppress(Exception):
+                    w.nh_set_l4(l4)
+
     def _run(self) -> None:
         import struct
+        import time
 
+        checked = time.monotonic()
         while not self._stop.is_set():
+            if time.monotonic() - checked >= 1.0:   # the hash policy sysctls send no message
+                checked = time.monotonic()
+                self._recheck_l4()
             try:
                 data = self._sock.recv(65536)
                 if not data:
                     continue
+                rules_changed = False
                 # (message type, address family) of each message, for the record
                 off = 0
                 while off + 17 <= len(data):
                     length, kind = struct.unpack_from("=IH", data, off)
                     key = (kind, data[off + 16])
                     self.seen[key] = self.seen.get(key, 0) + 1
+                    rules_changed |= kind in (RTM_NEWRULE, RTM_DELRULE)
                     off += max(16, (length + 3) & ~3)
+                if rules_changed:
+                    self._recheck_l4()
             except TimeoutError:
                 continue
             except OSError as e:   # ENOBUFS: messages were lost - flush, as for any change

@@ -305,6 +305,11 @@ class XskWorker:
         """Empty the next-hop cache (a route, neighbour, address or link changed)."""
         lib.xt_xsk_nh_flush(self._ptr())
 
+    def nh_set_l4(self, on: bool) -> None:
+        """Next-hop lookups with the TCP/UDP ports (the kernel's routing looks at them) or
+        without; empties the cache."""
+        lib.xt_xsk_nh_set_l4(self._ptr(), 1 if on else 0)
+
     def natt_peer(self, tunnel: int) -> tuple[str, int] | None:
         """(address, port) ESP-in-UDP for ``tunnel`` was last authenticated from, or None."""
         addr = ffi.new("uint8_t[4]")

@@ -14,7 +14,7 @@ import time
 
 import ipsec_lab as L
 import pytest
-from esp_support import ref_decrypt
+from esp_support import ipv4, ref_decrypt
 from test_ipsec_datapath import Tun, inner_udp, with_ttl
 
 from pipeline import netns
@@ -245,3 +245,79 @@ def test_rule_and_nexthop_changes_flush_the_cache(el, cmd, message):
         wait_flush(el, before)
     finally:
         el.edge.run(*undo, check=False)
+
+
+def udp_flow(dst: str, sport: int, dport: int, tag: bytes) -> bytes:
+    udp = struct.pack("!HHHH", sport, dport, 8 + len(tag), 0) + tag
+    return ipv4(udp, "10.10.0.5", dst, proto=17, ttl=64, ident=0x4343)
+
+
+def wait_l4(el, want: bool) -> None:
+    deadline = time.monotonic() + 3
+    while el.edge_dp.route_watch.l4 != want and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert el.edge_dp.route_watch.l4 is want
+
+
+def kernel_dev(el, dst: str, sport: int, dport: int) -> str:
+    """Where the kernel itself forwards this flow arriving on the internal veth."""
+    out = el.edge.run("ip", "route", "get", dst, "from", "10.10.0.5", "iif", "xtesp1",
+                      "ipproto", "udp", "sport", str(sport), "dport", str(dport)).stdout
+    words = out.split()
+    return words[words.index("dev") + 1]
+
+
+def where(el, tags: list[bytes]) -> dict[bytes, str]:
+    """Which side each tagged UDP frame came out on."""
+    seen: dict[bytes, str] = {}
+    for port, dev in ((el.i0, "inet0"), (el.c0, "cust0")):
+        for f in port.recv_all(len(tags), 1.0, match=lambda f: f[23] == 17 and f[42:46] == b"flow"):
+            seen[bytes(f[42:50])] = dev
+    return seen
+
+
+def test_port_rules_are_followed(el, tun):
+    el.i0.drain()
+    el.c0.drain()
+    try:
+        el.edge.run("ip", "route", "add", FAR_PREFIX, "via", L.INET_HOST, "dev", "inet0")
+        el.edge.run("ip", "route", "add", FAR_PREFIX, "via", L.ROUTER, "dev", "cust0",
+                    "table", "100")
+        before = worker(el).nh_flushes
+        el.edge.run("ip", "rule", "add", "ipproto", "udp", "dport", "9", "lookup", "100")
+        wait_l4(el, True)
+        wait_flush(el, before)
+        s0 = worker(el)
+        for dport, tag in ((9, b"flow0009"), (10, b"flow0010")):
+            el.to_edge_from_customer(tun.esp_from_router(udp_flow(FAR_HOST, 5000, dport, tag)))
+        assert where(el, [b"flow0009", b"flow0010"]) == {b"flow0009": "cust0",
+                                                         b"flow0010": "inet0"}
+        s1 = worker(el)
+        assert (s1.tx_direct - s0.tx_direct, s1.tx_slow - s0.tx_slow) == (2, 0)
+    finally:
+        el.edge.run("ip", "rule", "del", "ipproto", "udp", "dport", "9", "lookup", "100",
+                    check=False)
+        el.edge.run("ip", "route", "del", FAR_PREFIX, "table", "100", check=False)
+        el.edge.run("ip", "route", "del", FAR_PREFIX, check=False)
+    wait_l4(el, False)
+
+
+def test_l4_multipath_hash_matches_the_kernel(el, tun):
+    el.i0.drain()
+    el.c0.drain()
+    try:
+        el.edge.sysctl("net.ipv4.fib_multipath_hash_policy", 1)
+        el.edge.run("ip", "route", "add", FAR_PREFIX, "nexthop", "via", L.INET_HOST, "dev",
+                    "inet0", "nexthop", "via", L.ROUTER, "dev", "cust0")
+        wait_l4(el, True)   # noticed by the sysctl poll, within about a second
+        sports = range(1000, 1032)
+        want = {b"flow%04d" % (s - 1000): kernel_dev(el, FAR_HOST, s, 9) for s in sports}
+        assert set(want.values()) == {"inet0", "cust0"}   # the hash spreads these flows
+        for s in sports:
+            el.to_edge_from_customer(tun.esp_from_router(
+                udp_flow(FAR_HOST, s, 9, b"flow%04d" % (s - 1000))))
+        assert where(el, list(want)) == want
+    finally:
+        el.edge.sysctl("net.ipv4.fib_multipath_hash_policy", 0)
+        el.edge.run("ip", "route", "del", FAR_PREFIX, check=False)
+    wait_l4(el, False)
