@@ -435,7 +435,7 @@ def test_reloading_the_same_etcd_state_needs_no_restart(tmp_path):
 def test_an_af_xdp_socket_for_every_rx_queue_in_use(lab, caplog):
     """AF_XDP bind refuses a queue past the device's real RX queue count, and a queue without
     a socket drops steered ESP: the count is the driver's channel count (ethtool -l)."""
-    from pipeline.run import _rx_queues
+    from pipeline.xsk import rx_queues as _rx_queues  # xtransit run and the static mode
     a, b = lab.namespace("q"), lab.namespace("q")
     lab.veth(a, "one", b, "one-p")
     with a.ipr() as ipr:
@@ -446,6 +446,6 @@ def test_an_af_xdp_socket_for_every_rx_queue_in_use(lab, caplog):
         assert _rx_queues("one") == (0,)
         assert _rx_queues("four") == (0, 1, 2, 3)
         assert _rx_queues("lo") == (0,)               # no channel support: one queue
-        with caplog.at_level("WARNING", logger="xtransit"):
+        with caplog.at_level("WARNING", logger="pipeline.xsk"):
             assert _rx_queues("twenty") == tuple(range(16))
     assert "twenty has 20 RX queues; AF_XDP sockets on the first 16 only" in caplog.text

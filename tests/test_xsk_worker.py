@@ -187,16 +187,3 @@ def test_operator_static_mode_runs_and_stops_on_sigterm(ns_pair, tmp_path):
     links = ns_pair.run("ip", "-d", "link", "show").stdout
     assert "xtesp0" not in links and "prog/xdp" not in links, (links, err)
 
-
-@pytest.mark.netns
-def test_rx_queues_counts_every_channel(lab):
-    """xtransit run and the static mode give every RX queue a socket (a packet steered on a queue
-    without one is dropped): the count is the device's channels."""
-    ns = lab.namespace("q")
-    ns.run("ip", "link", "add", "q2a", "numrxqueues", "2", "numtxqueues", "2", "type", "veth",
-           "peer", "name", "q2b", "numrxqueues", "2", "numtxqueues", "2")
-    ns.run("ip", "link", "add", "q1a", "type", "veth", "peer", "name", "q1b")
-    with ns.enter():
-        assert xsk.rx_queues("q2a") == (0, 1)
-        assert xsk.rx_queues("q1a") == (0,)
-        assert xsk.rx_queues("nosuchdev") == (0,)   # no channel information: one queue
