@@ -10,8 +10,10 @@ the edge's veths are delivered. ESP is built and checked with tests/esp_support.
 """
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from pipeline import ipsec, netns
@@ -89,6 +91,20 @@ def build(lab: netns.Lab, xdp_mode: str = "native", design: str = "veth") -> Edg
                                  ipsec.RxDevice("inet0", (0,), xdp_mode)], [EDGE_EP],
                             workers=1 if direct else 2, direct_tx=direct)
     return EdgeLab(lab, cust, edge, inet, dp, e, c0, i0)
+
+
+@contextlib.contextmanager
+def running(tag: str, xdp_mode: str = "native", design: str = "veth") -> Iterator[EdgeLab]:
+    """:func:`build` in a fresh lab; the data path closed and the namespaces removed after."""
+    lab = netns.Lab(tag)
+    try:
+        e = build(lab, xdp_mode, design)
+        yield e
+        with e.edge.enter():
+            e.edge_dp.close()
+        e.dp.close()
+    finally:
+        lab.close()
 
 
 def child_sa(tunnel: str, spi_in: int, spi_out: int, encr: str, key_in: bytes, key_out: bytes,

@@ -20,7 +20,7 @@ import ipsec_lab as L
 import pytest
 from esp_support import SUITES, RefSa, csum, ipv4, outer_ipv4, ref_decrypt, ref_encrypt
 
-from pipeline import ipsec, netns
+from pipeline import ipsec
 from pipeline.esp import EspError
 
 pytestmark = pytest.mark.netns
@@ -32,17 +32,10 @@ _idx = iter(range(10, 60000))
 
 @pytest.fixture(scope="module", params=["direct", "veth"])
 def el(request):
-    lab = netns.Lab("ipsec")
-    try:
-        e = L.build(lab, design=request.param)
+    with L.running("ipsec", design=request.param) as e:
         with e.edge.enter():
             e.edge_dp.route(L.CUST_PREFIX, 0)   # re-pointed per test by _tunnel()
         yield e
-        with e.edge.enter():
-            e.edge_dp.close()
-        e.dp.close()
-    finally:
-        lab.close()
 
 
 class Tun:

@@ -17,8 +17,6 @@ import pytest
 from esp_support import ipv4, ref_decrypt
 from test_ipsec_datapath import Tun, inner_udp, with_ttl
 
-from pipeline import netns
-
 pytestmark = pytest.mark.netns
 
 NEW_MAC = "02:00:00:00:02:99"
@@ -27,15 +25,8 @@ FAR_PREFIX, FAR_HOST = "203.0.113.0/24", "203.0.113.7"
 
 @pytest.fixture(scope="module", params=["native", "generic"])
 def el(request):
-    lab = netns.Lab("ipdirect")
-    try:
-        e = L.build(lab, xdp_mode=request.param, design="direct")
+    with L.running("ipdirect", xdp_mode=request.param, design="direct") as e:
         yield e
-        with e.edge.enter():
-            e.edge_dp.close()
-        e.dp.close()
-    finally:
-        lab.close()
 
 
 @pytest.fixture
