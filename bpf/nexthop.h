@@ -37,6 +37,48 @@ struct xt_nh_result {
 	__u8 dmac[6];
 };
 
+/* The inputs bpf_fib_lookup gets for a packet: what the kernel itself routes it by. With ports,
+ * the TCP/UDP ports of a packet that is not a fragment (IPv6: right after the fixed header), for
+ * port rules and an L4 multipath hash. xdp_esp_fwd and esp_nexthop both fill the lookup here, so
+ * the worker's cached answers and the forwarder's lookups agree. The caller sets ifindex and
+ * tot_len. */
+static __always_inline void nh_fib_ipv4(struct bpf_fib_lookup *fib, struct iphdr *ip,
+					void *data_end, int ports)
+{
+	fib->family = AF_INET;
+	fib->tos = ip->tos;
+	fib->l4_protocol = ip->protocol;
+	fib->ipv4_src = ip->saddr;
+	fib->ipv4_dst = ip->daddr;
+	if (ports && (ip->protocol == IPPROTO_TCP || ip->protocol == IPPROTO_UDP) &&
+	    !(ip->frag_off & bpf_htons(0x3FFF))) {
+		__be16 *l4 = (void *)ip + ip->ihl * 4;
+
+		if ((void *)(l4 + 2) <= data_end) {
+			fib->sport = l4[0];
+			fib->dport = l4[1];
+		}
+	}
+}
+
+static __always_inline void nh_fib_ipv6(struct bpf_fib_lookup *fib, struct ipv6hdr *ip6,
+					void *data_end, int ports)
+{
+	fib->family = AF_INET6;
+	fib->flowinfo = *(__be32 *)ip6 & bpf_htonl(0x0FFFFFFF);
+	fib->l4_protocol = ip6->nexthdr;
+	__builtin_memcpy(fib->ipv6_src, &ip6->saddr, 16);
+	__builtin_memcpy(fib->ipv6_dst, &ip6->daddr, 16);
+	if (ports && (ip6->nexthdr == IPPROTO_TCP || ip6->nexthdr == IPPROTO_UDP)) {
+		__be16 *l4 = (void *)(ip6 + 1);
+
+		if ((void *)(l4 + 2) <= data_end) {
+			fib->sport = l4[0];
+			fib->dport = l4[1];
+		}
+	}
+}
+
 int esp_nexthop(struct __sk_buff *skb)
 {
 	void *data = (void *)(long)skb->data;
@@ -44,41 +86,27 @@ int esp_nexthop(struct __sk_buff *skb)
 	struct ethhdr *eth = data;
 	struct bpf_fib_lookup fib = {}, ask;
 	struct xt_nh_result res = {};
-	void *l4 = 0;
 	int rc;
 
 	if ((void *)(eth + 1) > data_end)
 		return XT_NH_BAD_INPUT;
+	/* the worker asks with ports when the kernel's routing looks at them (port rules, an L4
+	 * multipath hash); the cache keys then include them too */
+	int ports = eth->h_dest[0] & XT_NH_F_PORTS;
 	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
 		struct iphdr *ip = (void *)(eth + 1);
 
 		if ((void *)(ip + 1) > data_end)
 			return XT_NH_BAD_INPUT;
-		fib.family = AF_INET;
-		fib.tos = ip->tos;
-		fib.l4_protocol = ip->protocol;
-		fib.ipv4_src = ip->saddr;
-		fib.ipv4_dst = ip->daddr;
-		l4 = (void *)ip + ip->ihl * 4;
+		nh_fib_ipv4(&fib, ip, data_end, ports);
 	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
 		struct ipv6hdr *ip6 = (void *)(eth + 1);
 
 		if ((void *)(ip6 + 1) > data_end)
 			return XT_NH_BAD_INPUT;
-		fib.family = AF_INET6;
-		fib.flowinfo = *(__be32 *)ip6 & bpf_htonl(0x0FFFFFFF);
-		fib.l4_protocol = ip6->nexthdr;
-		__builtin_memcpy(fib.ipv6_src, &ip6->saddr, 16);
-		__builtin_memcpy(fib.ipv6_dst, &ip6->daddr, 16);
-		l4 = ip6 + 1;
+		nh_fib_ipv6(&fib, ip6, data_end, ports);
 	} else {
 		return XT_NH_BAD_INPUT;
-	}
-	/* the worker asks with ports when the kernel's routing looks at them (port rules, an L4
-	 * multipath hash) and has checked: TCP or UDP, not a fragment, no IPv6 extension header */
-	if ((eth->h_dest[0] & XT_NH_F_PORTS) && l4 + 4 <= data_end) {
-		fib.sport = *(__be16 *)l4;
-		fib.dport = *(__be16 *)(l4 + 2);
 	}
 	if ((void *)eth + sizeof(res) > data_end)
 		return XT_NH_BAD_INPUT;

@@ -190,21 +190,9 @@ static __always_inline int esp_fwd_v6(struct xdp_md *ctx, struct ethhdr *eth, vo
 		esp_count(XT_ESP_STEER_FWD_TTL);
 		return XDP_PASS;
 	}
-	fib.family = AF_INET6;
-	fib.flowinfo = *(__be32 *)ip6 & bpf_htonl(0x0FFFFFFF);
-	fib.l4_protocol = ip6->nexthdr;
+	nh_fib_ipv6(&fib, ip6, data_end, 1);   /* with the ports, as the kernel forwards */
 	fib.tot_len = bpf_ntohs(ip6->payload_len) + sizeof(*ip6);
-	__builtin_memcpy(fib.ipv6_src, &ip6->saddr, 16);
-	__builtin_memcpy(fib.ipv6_dst, &ip6->daddr, 16);
 	fib.ifindex = ctx->ingress_ifindex;
-	if (ip6->nexthdr == IPPROTO_TCP || ip6->nexthdr == IPPROTO_UDP) {
-		__be16 *ports = (void *)(ip6 + 1);
-
-		if ((void *)(ports + 2) <= data_end) {
-			fib.sport = ports[0];
-			fib.dport = ports[1];
-		}
-	}
 	if (bpf_fib_lookup(ctx, &fib, sizeof(fib), 0) != BPF_FIB_LKUP_RET_SUCCESS) {
 		esp_count(XT_ESP_STEER_FWD_PASS);
 		return XDP_PASS;
@@ -238,23 +226,9 @@ int xdp_esp_fwd(struct xdp_md *ctx)
 		esp_count(XT_ESP_STEER_FWD_TTL);
 		return XDP_PASS;
 	}
-	fib.family = AF_INET;
-	fib.tos = ip->tos;
-	fib.l4_protocol = ip->protocol;
+	nh_fib_ipv4(&fib, ip, data_end, 1);     /* with the ports, as the kernel forwards */
 	fib.tot_len = bpf_ntohs(ip->tot_len);
-	fib.ipv4_src = ip->saddr;
-	fib.ipv4_dst = ip->daddr;
 	fib.ifindex = ctx->ingress_ifindex;
-	if ((ip->protocol == IPPROTO_TCP || ip->protocol == IPPROTO_UDP) &&
-	    !(ip->frag_off & bpf_htons(0x3FFF))) {
-		/* the ports, for the kernel's port rules and L4 multipath hash (as it forwards) */
-		__be16 *ports = (void *)ip + ip->ihl * 4;
-
-		if ((void *)(ports + 2) <= data_end) {
-			fib.sport = ports[0];
-			fib.dport = ports[1];
-		}
-	}
 	if (bpf_fib_lookup(ctx, &fib, sizeof(fib), 0) != BPF_FIB_LKUP_RET_SUCCESS) {
 		esp_count(XT_ESP_STEER_FWD_PASS);
 		return XDP_PASS;

@@ -24,8 +24,9 @@ Pieces (each usable alone, the tests use them that way):
 
 Where processed packets go: where the kernel FIB routes them. The worker asks the FIB itself on
 a next-hop cache miss (bpf/nexthop.h, run with BPF_PROG_TEST_RUN as if the packet had arrived on
-the internal veth's router end) and transmits straight out of the egress device when it has a socket there;
-every route, neighbour, address or link change netlink reports empties the caches
+the internal veth's router end; with the TCP/UDP ports when the kernel's routing looks at them)
+and transmits straight out of the egress device when it has a socket there; every route, rule,
+nexthop, neighbour, address or link change netlink reports empties the caches
 (:class:`RouteWatch`), and entries live one second at most. Everything else - no neighbour yet,
 TTL <= 1, too big for the path MTU, a device without a socket - it transmits on ``xtesp0``, and
 ``xtesp1``'s XDP program routes it with ``bpf_fib_lookup`` or passes it to the kernel, which
@@ -604,9 +605,10 @@ class RouteWatch:
     (IPv4 or IPv6), nexthop object, neighbour, address or link in this network namespace (a
     thread; close() stops it).
 
-    Any message is reason enough, so the messages are not parsed: a plain NETLINK_ROUTE socket
-    bound to the multicast groups (pyroute2's IPRoute, which the rest of the module uses, would
-    start an event loop in the reading thread and keep its descriptors)."""
+    Any message is reason enough to flush; only its type and family are read (``seen``, and
+    rule messages recheck :func:`routing_uses_ports`). A plain NETLINK_ROUTE socket bound to
+    the multicast groups: pyroute2's IPRoute, which the rest of the module uses, would start an
+    event loop in the reading thread and keep its descriptors."""
 
     # rtnetlink multicast groups (include/uapi/linux/rtnetlink.h RTMGRP_*)
     GROUPS = (0x1 | 0x4 | 0x10 | 0x40 | 0x80 | 0x100 | 0x400)
